@@ -1,0 +1,178 @@
+"""Decode tokens/s with blocks offloaded to disk, CPU execution: devicemap vs accelerate.
+
+Both run the same device map (devicemap plans it; transformers + accelerate get
+`device_map=plan.device_map`) in one process, alternating, and are compared with the
+same model held fully in RAM. Warm: page cache warm. Cold: before every decode step
+the offloaded files are evicted from the page cache, and the step is compared with the
+disk bound (offloaded bytes / measured sequential read speed of the same files).
+
+    python bench/decode.py                      # smollm fp32 + tinyllama bf16, 0/50/75 % on disk
+    python bench/decode.py --models smollm --fractions 0.75 --cold-steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import mmap
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import devicemap
+from models import bench_model, decoder_layers
+from report import median, write
+
+MODELS = {"smollm": torch.float32, "tinyllama": torch.bfloat16}
+_libc = ctypes.CDLL(None, use_errno=True)
+_PAGE = mmap.PAGESIZE
+
+
+def disk_pins(path: Path, fraction: float) -> dict[str, str]:
+    """The last `fraction` of the decoder layers on disk, as pins."""
+    n = decoder_layers(path)
+    first = n - round(fraction * n)
+    return {f"model.layers.{i}": "disk" for i in range(first, n)}
+
+
+def load_devicemap(path: Path, dtype: torch.dtype, fraction: float) -> Any:
+    return devicemap.load(
+        path,
+        dtype=dtype,
+        max_memory={"cpu": "20GiB", "disk": "200GiB"},
+        pins=disk_pins(path, fraction),
+        offload_exec="cpu",
+        context=512,
+        progress=False,
+    )
+
+
+def load_accelerate(path: Path, dtype: torch.dtype, device_map: dict[str, Any], tmp: str) -> Any:
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map=device_map, offload_folder=tmp
+    ).eval()
+
+
+def decode_steps(model: Any, steps: int, before_step: Callable[[], None] | None = None) -> float:
+    """Median seconds per decode step after a 16-token prefill (greedy, KV cache)."""
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            if before_step is not None:
+                before_step()
+            start = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def offloaded_files(path: Path, device_map: dict[str, Any]) -> tuple[list[Path], int]:
+    """Checkpoint files holding disk-stored tensors, and the bytes of those tensors."""
+    from devicemap.checkpoint import read_index, resolve_model
+
+    index = read_index(resolve_model(path))
+    disk = tuple(f"{name}." for name, dev in device_map.items() if dev == "disk")
+    infos = [t for key, t in index.tensors.items() if key.startswith(disk)]
+    return sorted({t.file for t in infos}), sum(t.nbytes for t in infos)
+
+
+def evict(files: list[Path], model: Any) -> None:
+    """Drop the files' pages from the page cache, after unmapping them from this process."""
+    for p in model.parameters():  # mapped pages are not dropped: un-map ours first
+        start = p.data_ptr() - p.data_ptr() % _PAGE
+        length = p.data_ptr() + p.untyped_storage().nbytes() - start
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 4)  # MADV_DONTNEED
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_speed(files: list[Path]) -> float:
+    """Cold sequential read speed of `files` in bytes/s (16 MiB reads)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    total, start = 0, time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while chunk := fh.read(16 << 20):
+                total += len(chunk)
+    return total / (time.perf_counter() - start)
+
+
+def bench_one(shape: str, fraction: float, args: argparse.Namespace) -> dict[str, Any]:
+    dtype = MODELS[shape]
+    path = bench_model(shape, dtype)
+    row: dict[str, Any] = {"model": f"{shape} {str(dtype)[6:]}", "on_disk": f"{fraction:.0%}"}
+    dm = load_devicemap(path, dtype, fraction)
+    device_map = dict(dm.devicemap_plan.device_map)
+    with tempfile.TemporaryDirectory() as tmp:
+        acc = load_accelerate(path, dtype, device_map, tmp)
+        ram = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        runs: dict[str, list[float]] = {"ram": [], "devicemap": [], "accelerate": []}
+        for _ in range(args.runs):  # alternate, so drift hits all three alike
+            for name, model in (("ram", ram), ("devicemap", dm), ("accelerate", acc)):
+                runs[name].append(1 / decode_steps(model, args.tokens))
+        rate = {name: median(v) for name, v in runs.items()}
+        row.update({f"{k}_tok_s": v for k, v in rate.items()})
+        row["dm/ram"] = rate["devicemap"] / rate["ram"]
+        row["dm/acc"] = rate["devicemap"] / rate["accelerate"]
+        if fraction > 0 and args.cold_steps:
+            row.update(cold(path, device_map, dm, acc, args.cold_steps))
+        del acc, ram
+    devicemap.release(dm)
+    gc.collect()
+    return row
+
+
+def cold(path: Path, device_map: dict[str, Any], dm: Any, acc: Any, steps: int) -> dict[str, Any]:
+    files, nbytes = offloaded_files(path, device_map)
+    speed = median([read_speed(files) for _ in range(2)])
+    bound = speed / nbytes  # tokens/s if each step had to read every offloaded byte once
+    dm_rate = 1 / decode_steps(dm, steps, lambda: evict(files, dm))
+    acc_rate = 1 / decode_steps(acc, steps, lambda: evict(files, acc))
+    return {
+        "offloaded_MB": nbytes / 1e6,
+        "read_MB_s": speed / 1e6,
+        "cold_bound_tok_s": bound,
+        "cold_dm_tok_s": dm_rate,
+        "cold_acc_tok_s": acc_rate,
+        "cold_dm/bound": dm_rate / bound,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm,tinyllama")
+    parser.add_argument("--fractions", default="0,0.5,0.75")
+    parser.add_argument("--tokens", type=int, default=24, help="decode steps per run")
+    parser.add_argument("--runs", type=int, default=3, help="runs per engine (median)")
+    parser.add_argument("--cold-steps", type=int, default=4, help="cold decode steps; 0 skips")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = [
+        bench_one(shape, float(fraction), args)
+        for shape in args.models.split(",")
+        for fraction in args.fractions.split(",")
+    ]
+    write("decode", rows, notes={"command": "python bench/decode.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
