@@ -97,3 +97,18 @@ class DeviceOutOfMemory(LoadError, MemoryError):
 
 class OffloadError(LoadError, OSError):
     """The offload directory is unwritable or full; nothing half-written is kept."""
+
+
+# --- generation -------------------------------------------------------------
+
+
+class BadOption(DevicemapError, ValueError):
+    """An option out of its valid range (temperature -1, top_p 2, ...); names each and its range."""
+
+    def __init__(self, message: str, *, options: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.options = options  # the names of all the bad options
+
+
+class ContextTooLong(PlanError, ValueError):
+    """A prompt (plus the tokens to generate) longer than the context the plan reserved."""
