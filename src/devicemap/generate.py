@@ -1,0 +1,422 @@
+"""Streaming generation on a loaded transformers model: prompts, sampling options, chat.
+
+transformers' `generate` does the decoding, in a worker thread; this module hands its
+tokens to the caller as text pieces as they arrive, times prefill and decode, and
+stops the worker within one decoding step when the caller stops reading (Ctrl-C,
+`close()`, leaving a `with` block).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from devicemap.errors import BadOption, ContextTooLong
+
+Message = Mapping[str, str]  # {"role": "user" | "assistant" | "system", "content": text}
+FinishReason = Literal["stop", "length", "interrupted"]
+
+_POLL_S = 0.1  # seconds between checks of the token queue; keeps Ctrl-C prompt on every OS
+_CONTEXT_STEP = 256  # tokens; suggested --context values are rounded up to this
+
+
+# --- options -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each new token. temperature 0 is greedy (argmax); the others are then unused."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens with this much probability
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages repeats; 1 = off
+    seed: int | None = None  # makes sampling reproducible
+
+    def __post_init__(self) -> None:
+        problems = _sampling_problems(self)
+        if problems:
+            raise BadOption("; ".join(problems.values()), options=tuple(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _sampling_problems(s: Sampling) -> dict[str, str]:
+    """option name -> what is wrong with it, for every bad option."""
+    checks = {
+        "max_new_tokens": (_is_int(s.max_new_tokens) and s.max_new_tokens >= 1, "an integer ≥ 1"),
+        "temperature": (_is_real(s.temperature) and s.temperature >= 0, "≥ 0 (0 = greedy)"),
+        "top_p": (_is_real(s.top_p) and 0 < s.top_p <= 1, "in (0, 1] (1 = off)"),
+        "top_k": (_is_int(s.top_k) and s.top_k >= 0, "an integer ≥ 0 (0 = off)"),
+        "repetition_penalty": (
+            _is_real(s.repetition_penalty) and s.repetition_penalty > 0,
+            "> 0 (1 = off)",
+        ),
+        "seed": (s.seed is None or (_is_int(s.seed) and s.seed >= 0), "an integer ≥ 0 or None"),
+    }
+    return {
+        name: f"{name} must be {valid}, got {getattr(s, name)!r}"
+        for name, (ok, valid) in checks.items()
+        if not ok
+    }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_context(input_len: int, max_new_tokens: int, context: int) -> None:
+    """Raise ContextTooLong unless the prompt and the new tokens fit the planned context."""
+    total = input_len + max_new_tokens  # tokens
+    suggest = -(-total // _CONTEXT_STEP) * _CONTEXT_STEP
+    if input_len >= context:
+        raise ContextTooLong(
+            f"prompt is {input_len} tokens, the plan holds {context}; re-plan with "
+            f"--context {suggest} (prompt + {max_new_tokens} new tokens), or shorten the prompt"
+        )
+    if total > context:
+        raise ContextTooLong(
+            f"prompt is {input_len} tokens + {max_new_tokens} new = {total}, the plan holds "
+            f"{context}; lower --max-new-tokens to {context - input_len} or re-plan with "
+            f"--context {suggest}"
+        )
+
+
+# --- prompts -----------------------------------------------------------------
+
+
+def build_prompt(
+    tokenizer: Any, prompt: str | Sequence[Message], *, raw: bool = False
+) -> torch.Tensor:
+    """Token ids [1, T] (int64), through the chat template if the tokenizer has one, unless raw."""
+    if raw or not getattr(tokenizer, "chat_template", None):
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    else:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+        # the template writes its own special tokens (BOS included, where the model wants one)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    if ids.shape[-1] == 0:
+        raise BadOption("the prompt is empty: give at least one token of text", options=("prompt",))
+    return ids  # type: ignore[no-any-return]
+
+
+# --- streaming ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One generated reply and how long it took."""
+
+    text: str
+    token_ids: tuple[int, ...]  # the new tokens, end-of-sequence token included
+    prompt_tokens: int
+    prefill_s: float  # seconds from the call to the first new token (time to first token)
+    decode_s: float  # seconds from the first new token to the last
+    finish_reason: FinishReason
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first, per second of decoding (0 when unmeasurable)."""
+        if self.new_tokens < 2 or self.decode_s <= 0:
+            return 0.0
+        return (self.new_tokens - 1) / self.decode_s
+
+
+class _StopFlag(StoppingCriteria):  # type: ignore[misc]
+    """Asked by `generate` after every new token: stop once the flag is set."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        flag = self.event.is_set()
+        return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
+
+
+_END = object()  # queued by the worker when `generate` returns or fails
+
+
+class _TokenQueue(BaseStreamer):  # type: ignore[misc]
+    """Receives tokens from `generate` (in the worker) and queues (ids, time) for the reader."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate hands over the prompt first
+            self._prompt_seen = True
+            return
+        self.queue.put((value.reshape(-1).tolist(), time.perf_counter()))
+
+    def end(self) -> None:
+        pass  # the worker queues _END itself, also when generate raises
+
+
+class ReplyStream(Iterator[str]):
+    """Text pieces of a reply as they are generated; `.reply` once finished.
+
+    Stop early with `close()` or a `with` block; an exception in the reader (Ctrl-C)
+    while it waits for the next piece stops generation too.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, input_ids: torch.Tensor, sampling: Sampling):
+        self._tokenizer = tokenizer
+        self._sampling = sampling
+        self._eos = _eos_ids(model, tokenizer)
+        self._prompt_tokens = int(input_ids.shape[-1])
+        self._ids: list[int] = []
+        self._times: list[float] = []  # perf_counter of each new token
+        self._shown = ""  # text already handed out
+        self._reply: Reply | None = None
+        self._callbacks: list[Callable[[Reply], None]] = []
+        self._streamer = _TokenQueue()
+        self._stop = _StopFlag()
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)  # the worker draws from the global generator
+        kwargs = _generate_kwargs(model, input_ids, sampling, self._streamer, self._stop)
+        self._start = time.perf_counter()
+        self._worker = threading.Thread(
+            target=_run_generate, args=(model, kwargs, self._streamer.queue), daemon=True
+        )
+        self._worker.start()
+
+    def __iter__(self) -> ReplyStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            while self._reply is None:
+                piece = self._step()
+                if piece:
+                    return piece
+        except BaseException:
+            self.close()  # Ctrl-C or an error while waiting: stop the worker, keep what came
+            raise
+        raise StopIteration
+
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.event.set()  # an abandoned stream must not keep generating
+
+    @property
+    def reply(self) -> Reply:
+        """The finished reply (waits for the worker, which stops promptly once closed)."""
+        if self._reply is None:
+            for _ in self:
+                pass
+        assert self._reply is not None
+        return self._reply
+
+    def on_finish(self, callback: Callable[[Reply], None]) -> None:
+        """Call `callback(reply)` once the reply is finished (or now, if it is)."""
+        if self._reply is not None:
+            callback(self._reply)
+        else:
+            self._callbacks.append(callback)
+
+    def close(self) -> None:
+        """Stop generating (within one decoding step), wait for the worker, finish the reply."""
+        if self._reply is not None:
+            return
+        self._stop.event.set()
+        self._worker.join()
+        while not self._streamer.queue.empty():
+            item = self._streamer.queue.get_nowait()
+            if isinstance(item, tuple):
+                self._add(item)
+        self._finish()
+
+    def _step(self) -> str:
+        """Take one item from the worker; return the text it adds (maybe '')."""
+        item = self._get()
+        if item is _END:
+            self._worker.join()
+            self._finish()
+            text = self._reply.text if self._reply else ""
+            return text[len(self._shown) :] if text.startswith(self._shown) else ""
+        if isinstance(item, BaseException):
+            self._worker.join()
+            self._finish()
+            raise item
+        self._add(item)
+        return self._new_text()
+
+    def _get(self) -> Any:
+        while True:
+            try:
+                return self._streamer.queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+    def _add(self, item: tuple[list[int], float]) -> None:
+        ids, when = item
+        self._ids.extend(ids)
+        self._times.extend([when] * len(ids))
+
+    def _new_text(self) -> str:
+        """Text decoded since the last piece; held back while it ends in a partial character."""
+        text = self._decode()
+        if text.endswith("\ufffd") or not text.startswith(self._shown):
+            return ""
+        piece, self._shown = text[len(self._shown) :], text
+        return piece
+
+    def _decode(self) -> str:
+        return str(self._tokenizer.decode(self._ids, skip_special_tokens=True))
+
+    def _finish(self) -> None:
+        first = self._times[0] if self._times else time.perf_counter()
+        last = self._times[-1] if self._times else first
+        self._reply = Reply(
+            text=self._decode(),
+            token_ids=tuple(self._ids),
+            prompt_tokens=self._prompt_tokens,
+            prefill_s=first - self._start,
+            decode_s=last - first,
+            finish_reason=self._finish_reason(),
+        )
+        for callback in self._callbacks:
+            callback(self._reply)
+
+    def _finish_reason(self) -> FinishReason:
+        if self._ids and self._ids[-1] in self._eos:
+            return "stop"
+        if len(self._ids) >= self._sampling.max_new_tokens:
+            return "length"
+        return "interrupted" if self._stop.event.is_set() else "stop"
+
+
+def stream_reply(
+    model: Any, tokenizer: Any, input_ids: torch.Tensor, sampling: Sampling | None = None
+) -> ReplyStream:
+    """Start generating a reply to `input_ids` [1, T]; iterate the result for text pieces."""
+    return ReplyStream(model, tokenizer, input_ids, sampling or Sampling())
+
+
+def _run_generate(model: Any, kwargs: dict[str, Any], out: queue.Queue[Any]) -> None:
+    """Worker thread body: run generate; report a failure to the reader; always end the queue."""
+    try:
+        model.generate(**kwargs)
+    except BaseException as error:  # handed to the reader, who raises it
+        out.put(error)
+    finally:
+        out.put(_END)
+
+
+def _generate_kwargs(
+    model: Any, input_ids: torch.Tensor, s: Sampling, streamer: _TokenQueue, stop: _StopFlag
+) -> dict[str, Any]:
+    ids = input_ids.to(_input_device(model))
+    kwargs: dict[str, Any] = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=s.max_new_tokens,
+        do_sample=not s.greedy,
+        repetition_penalty=s.repetition_penalty,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([stop]),
+    )
+    if not s.greedy:  # greedy leaves them unset: do_sample=False ignores the model's defaults
+        kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    config = model.generation_config
+    if config.pad_token_id is None and config.eos_token_id is not None:
+        eos = config.eos_token_id
+        kwargs["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    return kwargs
+
+
+def _input_device(model: Any) -> torch.device:
+    """Where the token ids go: the embedding's device, or the CPU when it is offloaded."""
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device  # type: ignore[no-any-return]
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+# --- chat --------------------------------------------------------------------
+
+
+class Chat:
+    """A multi-turn conversation: each `send` sees the whole history through the chat template."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        context: int | None = None,  # tokens the plan holds; None = unchecked
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling or Sampling()
+        self.system = system
+        self.context = context
+        self.messages: list[dict[str, str]] = []
+        self.last_reply: Reply | None = None
+        self._active: ReplyStream | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        if self._active is not None:
+            self._active.close()
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.last_reply = None
+
+    def send(self, text: str) -> ReplyStream:
+        """Add a user turn and stream the reply; the reply joins the history once finished."""
+        if self._active is not None:
+            self._active.close()  # its (partial) reply joins the history first
+        user = {"role": "user", "content": text}
+        input_ids = build_prompt(self.tokenizer, [*self.messages, user])
+        if self.context is not None:
+            check_context(int(input_ids.shape[-1]), self.sampling.max_new_tokens, self.context)
+        stream = stream_reply(self.model, self.tokenizer, input_ids, self.sampling)
+        stream.on_finish(lambda reply: self._remember(user, reply))
+        self._active = stream
+        return stream
+
+    def _remember(self, user: dict[str, str], reply: Reply) -> None:
+        self.messages += [user, {"role": "assistant", "content": reply.text}]
+        self.last_reply = reply
+        self._active = None  # only one stream is ever active
