@@ -1,0 +1,478 @@
+"""Run a placed model: PyTorch hooks at device boundaries, offloaded blocks brought in.
+
+`dispatch(model, plan)` takes a model whose weights already sit on their storage
+devices (load.py puts them there) and attaches hooks with PyTorch's own API
+(`register_forward_pre_hook(with_kwargs=True)`, `register_forward_hook`), never a
+replaced `forward`:
+
+- entry hooks on the model (and on its encoder, which `generate` calls on its own):
+  inputs go to the *home* device (where the first block executes, so the masks,
+  positions and rotary embeddings the model computes between blocks live there), and
+  outputs come back on the device the inputs came on;
+- an input hook on every block from the first device change on (`boundaries`): such a
+  block gets tensors from the previous block *and* the model-level masks and position
+  embeddings from home, so each needs a check; a tensor already in place costs one
+  device comparison, and one moved for an earlier block is found in a per-forward memo
+  (moved once per forward however many blocks need it);
+- offload hooks on blocks stored off their execution device (offload.py).
+
+Transformers `Cache` objects are passed through untouched: each layer's cache is
+created from its own key states, so it lives (and stays) on that layer's execution
+device. `release(model)` removes every hook, stops the offload threads and leaves the
+model's weights on the meta device, so device memory and mmaps go deterministically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .devices import Device, parse_device
+from .errors import LoadError, PlanError, UnknownDevice
+from .offload import BlockWeights, GpuStreamer, Offload, PagePrefetcher, block_weights
+from .plan import Plan
+
+M = TypeVar("M", bound=torch.nn.Module)
+_STATE = "_devicemap_dispatch"  # attribute on the model holding what dispatch attached
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What dispatch needs from a plan: blocks in execution order, storage and execution."""
+
+    order: tuple[str, ...]  # module prefixes in execution order
+    storage: Mapping[str, Device]
+    execution: Mapping[str, Device]
+    traced: bool = True  # False: `order` is registration order, not the traced forward order
+
+
+def layout_of(plan: Plan) -> Layout:
+    """The blocks of `plan` with their storage and execution devices parsed once."""
+    order = tuple(plan.device_map)
+    mismatch = sorted(set(order) ^ set(plan.exec_map))
+    if mismatch:
+        raise PlanError(
+            f"plan for {plan.model}: device_map and exec_map name different blocks"
+            f" ({', '.join(mismatch)}); make the plan again with devicemap.plan"
+        )
+    return Layout(
+        order=order,
+        storage={name: parse_device(plan.device_map[name]) for name in order},
+        execution={name: parse_device(plan.exec_map[name]) for name in order},
+        traced=plan.order == "forward",
+    )
+
+
+def boundaries(layout: Layout) -> frozenset[str]:
+    """Blocks whose inputs need checking: every block from the first device change on.
+
+    Before the first change every tensor a block can receive (inputs moved home,
+    model-level masks and positions, earlier blocks' outputs) is on home. After it,
+    a block can receive its predecessor's output from one device and model-level
+    tensors from home, so even a block on its predecessor's device needs a hook.
+    Without a traced order, any block may run after a change: all are hooked.
+    """
+    order, execution = layout.order, layout.execution
+    if len({execution[name] for name in order}) <= 1:
+        return frozenset()
+    if not layout.traced:
+        return frozenset(order)
+    home = execution[order[0]]
+    first = next(i for i, name in enumerate(order) if execution[name] != home)
+    return frozenset(order[first:])
+
+
+# --- moving nested inputs ------------------------------------------------------------
+
+
+def _copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # to a GPU: asynchronous on the current stream; to the CPU: the data is needed now
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+def _forget(table: dict[int, Any], key: int, ref: weakref.ref[torch.Tensor]) -> None:
+    entry = table.get(key)
+    if entry is not None and entry[0] is ref:
+        del table[key]  # the source tensor died: drop its moved copy with it
+
+
+class Mover:
+    """Moves the tensors inside nested arguments to a device, each source once per forward.
+
+    Descends into tuples (named too), lists, dicts and dataclasses (ModelOutput
+    included); anything else (transformers Cache objects, numbers, strings) is passed
+    through as is. Returns the very same object when nothing had to move. The memo
+    holds a moved copy only while its source lives and is unmodified (version counter).
+    """
+
+    def __init__(self, copy: Callable[[torch.Tensor, torch.device], torch.Tensor] = _copy):
+        self._copy = copy
+        self._memo: dict[torch.device, dict[int, tuple[Any, int, torch.Tensor]]] = {}
+
+    def reset(self) -> None:
+        self._memo.clear()
+
+    def move(self, obj: Any, device: torch.device) -> Any:
+        table = self._memo.get(device)
+        if table is None:
+            table = self._memo[device] = {}
+        return self._move(obj, device, table)
+
+    def _move(self, obj: Any, device: torch.device, table: dict[int, Any]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj if obj.device == device else self._tensor(obj, device, table)
+        if isinstance(obj, (tuple, list)):
+            items = [self._move(item, device, table) for item in obj]
+            if all(a is b for a, b in zip(items, obj, strict=True)):
+                return obj
+            if isinstance(obj, list):
+                return items
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        if isinstance(obj, dict):
+            moved = {k: self._move(v, device, table) for k, v in obj.items()}
+            if all(moved[k] is v for k, v in obj.items()):
+                return obj
+            return type(obj)(**moved) if dataclasses.is_dataclass(obj) else type(obj)(moved)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            changes = {}
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                new = self._move(value, device, table) if f.init else value
+                if new is not value:
+                    changes[f.name] = new
+            return dataclasses.replace(obj, **changes) if changes else obj
+        return obj
+
+    def _tensor(self, tensor: torch.Tensor, device: torch.device, table: dict[int, Any]) -> Any:
+        key = id(tensor)
+        hit = table.get(key)
+        if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
+            return hit[2]
+        moved = self._copy(tensor, device)
+        ref = weakref.ref(tensor, functools.partial(_forget, table, key))
+        table[key] = (ref, tensor._version, moved)
+        return moved
+
+
+def first_device(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.device | None:
+    """The device of the first top-level tensor argument: where outputs go back to."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+# --- attaching -------------------------------------------------------------------------
+
+
+@dataclass
+class _Dispatched:
+    """Everything dispatch attached to one model; release() undoes all of it."""
+
+    layout: Layout
+    mover: Mover
+    handles: list[RemovableHandle] = field(default_factory=list)
+    offloads: list[Offload] = field(default_factory=list)
+    shims: list[torch.nn.Module] = field(default_factory=list)  # modules given an `_hf_hook`
+    depth: int = 0  # nesting of entry modules (model -> encoder)
+    input_device: torch.device | None = None
+
+
+class _HfHookShim:
+    """transformers' generate sets `encoder._hf_hook.io_same_device = True` on dispatched
+    models and otherwise installs accelerate's forward-replacing hook; our entry hook on
+    the encoder already returns outputs on the input device."""
+
+    io_same_device = True
+
+
+def dispatch(model: M, plan: Plan, *, prefetch: bool = True) -> M:
+    """Attach device-boundary and offload hooks to `model`, placed as `plan` says; return it."""
+    return attach(model, layout_of(plan), prefetch=prefetch)
+
+
+def attach(
+    model: M,
+    layout: Layout,
+    *,
+    hooked: frozenset[str] | None = None,
+    prefetch: bool = True,
+) -> M:
+    """`dispatch` from a Layout; `hooked` overrides which blocks get input hooks (benchmarks)."""
+    if _STATE in model.__dict__:
+        raise PlanError("this model is already dispatched; call devicemap.release(model) first")
+    modules = _resolve(model, layout)
+    _check_storage(modules, layout)
+    hooked = boundaries(layout) if hooked is None else hooked
+    state = _Dispatched(layout=layout, mover=Mover())
+    model.__dict__[_STATE] = state
+    try:
+        offloads = _offloads(modules, layout, prefetch=prefetch)
+        state.offloads = list({id(o): o for o in offloads.values()}.values())
+        _hook_entries(model, modules, state)
+        for name in layout.order:
+            move = name in hooked and modules[name] is not model  # the model: entry hooks move
+            _hook_block(name, modules[name], state, move=move, off=offloads.get(name))
+        _hook_aliases(model, modules, state, offloads)
+    except BaseException:
+        release(model, drop_weights=False)
+        raise
+    # where each block runs, for transformers (pipeline puts inputs on the first one)
+    model.__dict__["hf_device_map"] = {n: layout.execution[n].map_value for n in layout.order}
+    return model
+
+
+def _resolve(model: torch.nn.Module, layout: Layout) -> dict[str, torch.nn.Module]:
+    modules, missing = {}, []
+    for name in layout.order:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError:
+            missing.append(name)
+    if missing:
+        raise PlanError(
+            f"the plan names blocks this model does not have: {', '.join(missing)};"
+            " the plan was made for another model: make it again with devicemap.plan"
+        )
+    return modules
+
+
+def _check_storage(modules: Mapping[str, torch.nn.Module], layout: Layout) -> None:
+    bad = []
+    for name, module in modules.items():
+        want = layout.storage[name].torch()
+        for pname, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if tensor.device != want and not _is_runtime_buffer(module, pname, layout, name):
+                bad.append(f"{name}.{pname} on {tensor.device} (plan: {layout.storage[name]})")
+    if bad:
+        raise LoadError(
+            f"{len(bad)} weight(s) are not on the storage device the plan gives them: "
+            + "; ".join(bad[:10])
+            + ("; ..." if len(bad) > 10 else "")
+            + ". Load the model with devicemap.load, which places every weight"
+        )
+
+
+def _is_runtime_buffer(module: torch.nn.Module, pname: str, layout: Layout, name: str) -> bool:
+    """Non-persistent buffers (rotary inv_freq) live on the execution device, not storage."""
+    owner_name, _, leaf = pname.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return leaf in owner._non_persistent_buffers_set and (
+        getattr(owner, leaf).device == layout.execution[name].torch()
+    )
+
+
+def _offloads(
+    modules: Mapping[str, torch.nn.Module], layout: Layout, *, prefetch: bool
+) -> dict[str, Offload]:
+    """One streamer per GPU that executes cpu/disk-stored blocks; one page prefetcher."""
+    streamed: dict[Device, list[BlockWeights]] = {}
+    paged: list[BlockWeights] = []
+    for name in layout.order:
+        stored, runs = layout.storage[name], layout.execution[name]
+        if stored == runs or (stored.kind == "cpu" and runs.kind == "cpu"):
+            continue
+        weights = block_weights(name, modules[name])
+        if runs.kind == "cuda" and stored.kind in ("cpu", "disk"):
+            streamed.setdefault(runs, []).append(weights)
+        elif runs.kind == "cpu" and stored.kind == "disk":
+            paged.append(weights)
+        else:
+            raise PlanError(
+                f"block {name!r} is stored on {stored} but executes on {runs}; devicemap runs"
+                " a block where it is stored, or streams cpu/disk-stored blocks to a CUDA GPU"
+                " or the CPU. Make the plan with offload_exec='gpu' or 'cpu'"
+            )
+    if streamed and not torch.cuda.is_available():
+        raise UnknownDevice(
+            f"the plan executes offloaded blocks on {', '.join(map(str, streamed))}, but CUDA"
+            " is not available here; plan with offload_exec='cpu' or run on a CUDA machine"
+        )
+    offloads: dict[str, Offload] = {}
+    for device, blocks in streamed.items():
+        blocks = [b for b in blocks if b.nbytes]
+        if blocks:
+            streamer = GpuStreamer(device.torch(), blocks, prefetch=prefetch)
+            offloads.update((b.name, streamer) for b in blocks)
+    paged = [b for b in paged if b.nbytes]
+    if paged and prefetch:
+        prefetcher = PagePrefetcher(paged)
+        offloads.update((b.name, prefetcher) for b in paged)
+    return offloads
+
+
+def _hook_entries(
+    model: torch.nn.Module, modules: Mapping[str, torch.nn.Module], state: _Dispatched
+) -> None:
+    """Entry hooks on the model, and on the encoder that `generate` calls by itself."""
+    entries = [model]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        encoder = getattr(model, "get_encoder")()  # noqa: B009 (typed Module has no such method)
+        if encoder is not model and isinstance(encoder, torch.nn.Module):
+            entries.append(encoder)
+            encoder.__dict__["_hf_hook"] = _HfHookShim()
+            state.shims.append(encoder)
+    for entry in entries:
+        home = _home(entry, modules, state.layout)
+        pre = functools.partial(_enter, state, home)
+        post = functools.partial(_leave, state)
+        state.handles.append(entry.register_forward_pre_hook(pre, with_kwargs=True))
+        state.handles.append(entry.register_forward_hook(post, always_call=True))
+
+
+def _home(entry: torch.nn.Module, modules: Mapping[str, torch.nn.Module], layout: Layout) -> Any:
+    inside = {id(m) for m in entry.modules()}
+    for name in layout.order:
+        if id(modules[name]) in inside:
+            return layout.execution[name].torch()
+    return layout.execution[layout.order[0]].torch()
+
+
+def _enter(
+    state: _Dispatched, home: torch.device, module: Any, args: Any, kwargs: Any
+) -> tuple[Any, Any] | None:
+    state.depth += 1
+    if state.depth == 1:
+        state.mover.reset()
+        state.input_device = first_device(args, kwargs)
+        for offload in state.offloads:
+            offload.begin()
+    return _moved(state.mover, home, args, kwargs)
+
+
+def _leave(state: _Dispatched, module: Any, args: Any, output: Any) -> Any:
+    state.depth -= 1
+    if state.depth > 0:
+        return None
+    device, state.input_device = state.input_device, None
+    moved = None if device is None or output is None else state.mover.move(output, device)
+    state.mover.reset()
+    return None if moved is output else moved
+
+
+def _moved(mover: Mover, device: torch.device, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+    new_args, new_kwargs = mover.move(args, device), mover.move(kwargs, device)
+    return None if new_args is args and new_kwargs is kwargs else (new_args, new_kwargs)
+
+
+def _hook_block(
+    name: str, module: torch.nn.Module, state: _Dispatched, *, move: bool, off: Offload | None
+) -> None:
+    if not (move or off):
+        return
+    device = state.layout.execution[name].torch()
+    mover = state.mover
+
+    def pre(mod: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        if off is not None:
+            off.enter(name)
+        return _moved(mover, device, args, kwargs) if move else None
+
+    state.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    if isinstance(off, GpuStreamer):
+        exit_ = functools.partial(_exit_block, off, name)
+        state.handles.append(module.register_forward_hook(exit_, always_call=True))
+
+
+def _exit_block(off: Offload, name: str, module: Any, args: Any, output: Any) -> None:
+    off.exit(name)
+
+
+def _hook_aliases(
+    model: torch.nn.Module,
+    modules: Mapping[str, torch.nn.Module],
+    state: _Dispatched,
+    offloads: Mapping[str, Offload],
+) -> None:
+    """Modules outside every block whose weights a block owns (tied embeddings): same hooks."""
+    owner: dict[int, str] = {}
+    for name, module in modules.items():
+        owner.update((id(p), name) for p in module.parameters())
+    inside = {id(m) for module in modules.values() for m in module.modules()}
+    loose = []
+    multi = len(set(state.layout.execution.values())) > 1
+    for mname, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if id(module) in inside or not own:
+            continue
+        names = {owner.get(id(p)) for p in own}
+        if None in names or len(names) != 1:
+            loose.append(mname or "(the model itself)")
+            continue
+        block = str(names.pop())
+        _hook_block(block, module, state, move=multi, off=offloads.get(block))
+    if loose:
+        raise PlanError(
+            f"modules with weights outside every block of the plan: {', '.join(loose)};"
+            " the plan was made for another model: make it again with devicemap.plan"
+        )
+
+
+# --- releasing ---------------------------------------------------------------------------
+
+
+def release(model: torch.nn.Module, *, drop_weights: bool = True) -> None:
+    """Remove every hook dispatch attached and free the model's device memory, now.
+
+    Offload threads stop, staging buffers and streams are dropped, and (by default) every
+    parameter and buffer is replaced by an empty one on the meta device, so GPU memory
+    and checkpoint mmaps are freed even while the caller still holds `model`; load it
+    again to run it. Calling it twice, or on a model never dispatched, does nothing.
+    """
+    state: _Dispatched | None = model.__dict__.pop(_STATE, None)
+    if state is None:
+        return
+    for handle in state.handles:
+        handle.remove()
+    for offload in state.offloads:
+        offload.close()
+    for module in state.shims:
+        module.__dict__.pop("_hf_hook", None)
+    model.__dict__.pop("hf_device_map", None)
+    state.handles.clear()
+    state.offloads.clear()
+    if drop_weights:
+        _to_meta(model)
+    gc.collect()
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.empty_cache()  # release only: never on the hot path
+
+
+def _to_meta(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                module._parameters[name] = torch.nn.Parameter(empty, param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+
+
+@contextmanager
+def releasing(model: M) -> Iterator[M]:
+    """`with releasing(devicemap.load(...)) as model:` runs `release(model)` on exit."""
+    try:
+        yield model
+    finally:
+        release(model)
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward pre-hooks and forward hooks on all modules of `model` (tests, diagnostics)."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def dispatched_blocks(model: torch.nn.Module) -> Sequence[str]:
+    """The blocks of a dispatched model in execution order (empty when not dispatched)."""
+    state: _Dispatched | None = model.__dict__.get(_STATE)
+    return () if state is None else state.layout.order

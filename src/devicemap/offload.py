@@ -1,0 +1,352 @@
+"""Offloaded blocks: weights stored on cpu or disk, used where the block executes.
+
+A block's storage (`cuda:N`, `cpu`, `disk`) and its execution device are separate
+(DESIGN.md). Two ways to run a block stored off its execution device, one class each:
+
+- `PagePrefetcher`: disk-stored blocks executing on the CPU compute straight from the
+  memory-mapped checkpoint; while block k runs, a background thread faults in block
+  k+1's pages (madvise(WILLNEED) to queue the reads, then one touch per page to wait).
+- `GpuStreamer`: cpu/disk-stored blocks executing on a GPU are copied in whole, one
+  transfer per block: host -> one pinned staging arena (sized once) -> one of two
+  preallocated device buffers, on a side CUDA stream ordered by events. While block
+  k runs from one buffer, block k+1 is copied into the other. The block's parameters
+  point at views of its buffer only while it runs.
+
+Both share the hook protocol `begin()` (a forward starts), `enter(name)` (block
+pre-hook), `exit(name)` (block forward hook) and `close()`. Nothing on the hot path
+synchronises the device or empties the allocator cache. Inference only: re-pointing
+`param.data` under a graph that autograd will differentiate is not supported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import queue
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .errors import OffloadError
+
+PAGE = mmap.PAGESIZE  # bytes
+ALIGN = 256  # bytes: each tensor's offset inside a staging buffer (CUDA's allocation alignment)
+MADV_WILLNEED = 3  # same value on Linux and macOS
+
+
+class Offload(Protocol):
+    """What dispatch calls from its hooks."""
+
+    def begin(self) -> None: ...  # the outermost forward starts
+    def enter(self, name: str) -> None: ...  # block `name` is about to run
+    def exit(self, name: str) -> None: ...  # block `name` finished (also on error)
+    def close(self) -> None: ...  # stop threads, drop buffers, point weights back at storage
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """The tensors one block holds on the host, and where each goes in a staging buffer."""
+
+    name: str
+    tensors: tuple[torch.Tensor, ...]  # the Parameter/buffer objects the modules hold
+    host: tuple[torch.Tensor, ...]  # their storage data (cpu memory or a read-only mmap)
+    offsets: tuple[int, ...]  # bytes into a staging buffer, ALIGN-aligned
+    nbytes: int  # staging bytes for the whole block
+
+
+def block_weights(name: str, module: torch.nn.Module) -> BlockWeights:
+    """Collect the host (cpu/mmap) parameters and buffers of `module`, tied ones once."""
+    seen: set[int] = set()
+    tensors: list[torch.Tensor] = []
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) in seen or tensor.device.type != "cpu":
+            continue  # non-persistent buffers already sit on the execution device
+        seen.add(id(tensor))
+        tensors.append(tensor)
+    offsets, end = [], 0
+    for tensor in tensors:
+        offsets.append(end)
+        end += _aligned(tensor.numel() * tensor.element_size())
+    host = tuple(t.data for t in tensors)  # aliases of the storage, kept to point back at
+    return BlockWeights(name, tuple(tensors), host, tuple(offsets), end)
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Successors:
+    """Which block runs after which: plan order at first, then what was last seen to run.
+
+    Learning handles forwards that skip blocks (the encoder of an encoder-decoder runs
+    once per generate; a vision tower only at prefill) and wraps from the last block of
+    one forward to the first of the next.
+    """
+
+    def __init__(self, order: Sequence[str]):
+        assert order, "Successors needs at least one block"
+        self._next = dict(zip(order, [*order[1:], order[0]], strict=True))
+        self._last: str | None = None
+        self._first = order[0]
+
+    def observe(self, name: str) -> str:
+        """Record that `name` runs now; return the block expected next."""
+        if self._last is not None and self._last != name:
+            self._next[self._last] = name
+        self._last = name
+        return self._next[name]
+
+    def peek(self) -> str:
+        """The block expected to run next."""
+        return self._first if self._last is None else self._next[self._last]
+
+
+# --- CPU execution of disk-stored blocks ------------------------------------------
+
+
+_Pages = tuple[int, int, tuple[torch.Tensor, ...]]  # page-aligned address, bytes, touch views
+
+
+def page_ranges(tensors: Iterable[torch.Tensor]) -> tuple[_Pages, ...]:
+    """For each tensor: its page-aligned address range, and uint8 views with a byte per page."""
+    ranges = []
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0:
+            continue
+        start = tensor.data_ptr() // PAGE * PAGE
+        length = tensor.data_ptr() + nbytes - start
+        flat = torch.as_strided(tensor.detach(), (tensor.numel(),), (1,))
+        raw = flat.view(torch.uint8)  # [nbytes]
+        ranges.append((start, length, (raw[::PAGE], raw[-1:])))  # [-1:]: the tail page
+    return tuple(ranges)
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith(("linux", "darwin")):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return lambda addr, length, advice: int(madvise(addr, length, advice))
+
+
+_MADVISE = _libc_madvise()
+
+
+def fault_in(ranges: Sequence[_Pages]) -> None:
+    """Bring the pages into memory: queue every read first (madvise), then wait on each page.
+
+    The touches are torch reductions over strided views: C loops that release the GIL,
+    so compute on the main thread is not serialised behind them.
+    """
+    if _MADVISE is not None:
+        for start, length, _ in ranges:
+            _MADVISE(start, length, MADV_WILLNEED)  # advisory: a failure only costs speed
+    for _, _, touches in ranges:
+        for touch in touches:
+            touch.sum()  # reads one byte per page
+
+
+class PagePrefetcher:
+    """Disk-stored blocks executing on the CPU: fault in block k+1 while block k runs."""
+
+    def __init__(self, blocks: Sequence[BlockWeights], *, log: int = 4096):
+        self._pages = {b.name: page_ranges(b.host) for b in blocks}
+        self._predict = Successors([b.name for b in blocks])
+        self._jobs: queue.Queue[tuple[_Pages, ...] | None] = queue.Queue()
+        self._last_request: str | None = None
+        self.requests: deque[str] = deque(maxlen=log)  # blocks asked for, oldest first
+        self._thread = threading.Thread(
+            target=_fault_in_forever, args=(self._jobs,), name="devicemap-pages", daemon=True
+        )
+        self._thread.start()
+
+    def begin(self) -> None:
+        self._request(self._predict.peek())
+
+    def enter(self, name: str) -> None:
+        self._request(self._predict.observe(name))
+
+    def exit(self, name: str) -> None:
+        pass
+
+    def wait(self) -> None:
+        """Block until every requested block has been faulted in (tests, benchmarks)."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        self._pages.clear()
+
+    def _request(self, name: str) -> None:
+        if name == self._last_request:
+            return  # already on its way (begin() then the previous block's enter())
+        self._last_request = name
+        self.requests.append(name)
+        self._jobs.put(self._pages[name])
+
+
+def _fault_in_forever(jobs: queue.Queue[tuple[_Pages, ...] | None]) -> None:
+    while True:
+        job = jobs.get()
+        try:
+            if job is None:
+                return
+            fault_in(job)
+        finally:
+            jobs.task_done()
+
+
+# --- GPU execution of cpu/disk-stored blocks -----------------------------------------
+
+
+class GpuStreamer:
+    """cpu/disk-stored blocks executing on one GPU, streamed in whole and double-buffered.
+
+    Per block: a worker thread copies its host tensors into one half of the pinned arena
+    (for disk this is where the pages are read), then queues one pinned -> device copy on
+    the side stream into the matching device buffer, after that buffer's last reader
+    finished (event `free`), and records `ready`. The compute stream waits on `ready`;
+    the host never waits on the device.
+    """
+
+    SLOTS = 2  # double buffer: one block runs, the next arrives
+
+    def __init__(self, device: torch.device, blocks: Sequence[BlockWeights], *, prefetch: bool):
+        assert device.type == "cuda" and blocks, "GpuStreamer streams blocks into one CUDA device"
+        self.device = device
+        self.prefetch = prefetch
+        self._blocks = {b.name: b for b in blocks}
+        capacity = max(b.nbytes for b in blocks)  # bytes: the largest block fits one slot
+        self._arena = torch.empty((self.SLOTS, capacity), dtype=torch.uint8, pin_memory=True)
+        self._buffers = [
+            torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(self.SLOTS)
+        ]
+        self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self._ready = _events(self.SLOTS)  # buffer filled
+        self._free = _events(self.SLOTS)  # buffer's reader done
+        self._staged = _events(self.SLOTS)  # arena half copied out
+        self._holder: list[str | None] = [None] * self.SLOTS  # block a buffer holds or will
+        self._jobs: list[Future[None] | None] = [None] * self.SLOTS
+        self._active = [0] * self.SLOTS  # calls running from each buffer (re-entry counts)
+        self._views: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._predict = Successors([b.name for b in blocks])
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="devicemap-stream", initializer=self._bind
+        )
+
+    def _bind(self) -> None:
+        torch.cuda.set_device(self.device)
+
+    def begin(self) -> None:
+        if self.prefetch:
+            self._prefetch(self._predict.peek(), avoid=None)
+
+    def enter(self, name: str) -> None:
+        slot = self._find(name)
+        if slot is None:
+            slot = self._stage(name, self._idle_slot(avoid=None, name=name))
+        job = self._jobs[slot]
+        if job is not None:
+            job.result()  # host side of the staging done (the copy itself may still run)
+        torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+        if self._active[slot] == 0:
+            self._point(name, self._slot_views(name, slot))
+        self._active[slot] += 1
+        expected = self._predict.observe(name)
+        if self.prefetch:
+            self._prefetch(expected, avoid=slot)
+
+    def exit(self, name: str) -> None:
+        slot = self._find(name)
+        if slot is None or self._active[slot] == 0:
+            return  # enter() failed before taking the buffer
+        self._free[slot].record(torch.cuda.current_stream(self.device))
+        self._active[slot] -= 1
+        if self._active[slot] == 0:
+            self._point(name, self._blocks[name].host)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+        for slot, name in enumerate(self._holder):
+            if name is not None and self._active[slot]:
+                self._point(name, self._blocks[name].host)
+        self._views.clear()
+        self._buffers.clear()
+        self._blocks.clear()
+        del self._arena, self._stream, self._ready, self._free, self._staged
+
+    # -- buffers ------------------------------------------------------------------------
+
+    def _find(self, name: str) -> int | None:
+        for slot, holder in enumerate(self._holder):
+            if holder == name:
+                return slot
+        return None
+
+    def _idle_slot(self, *, avoid: int | None, name: str) -> int:
+        idle = [s for s in range(self.SLOTS) if self._active[s] == 0 and s != avoid]
+        if not idle:
+            raise OffloadError(
+                f"offloaded block {name!r} is called while blocks"
+                f" {', '.join(repr(h) for h in self._holder)} are still running on"
+                f" {self.device}; offloaded blocks cannot nest. Give the outer module"
+                " one block in the device map, or store one of them on the GPU"
+            )
+        return idle[0]
+
+    def _prefetch(self, name: str, *, avoid: int | None) -> None:
+        if self._find(name) is not None:
+            return
+        idle = [s for s in range(self.SLOTS) if self._active[s] == 0 and s != avoid]
+        if idle:
+            self._stage(name, idle[0])
+
+    def _stage(self, name: str, slot: int) -> int:
+        self._holder[slot] = name
+        self._jobs[slot] = self._worker.submit(self._copy_in, name, slot)
+        return slot
+
+    def _copy_in(self, name: str, slot: int) -> None:
+        """Worker thread: host -> pinned arena half `slot` -> device buffer `slot`."""
+        block, pinned = self._blocks[name], self._arena[slot]
+        self._staged[slot].synchronize()  # the previous copy out of this arena half finished
+        for host, offset in zip(block.host, block.offsets, strict=True):
+            _typed(pinned, offset, host).copy_(host)  # reads mmap pages for disk blocks
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(self._free[slot])  # last reader of the buffer is done
+            self._buffers[slot][: block.nbytes].copy_(pinned[: block.nbytes], non_blocking=True)
+            self._ready[slot].record(self._stream)
+            self._staged[slot].record(self._stream)
+
+    def _slot_views(self, name: str, slot: int) -> list[torch.Tensor]:
+        views = self._views.get((name, slot))
+        if views is None:
+            block = self._blocks[name]
+            buffer = self._buffers[slot]
+            views = [_typed(buffer, o, h) for h, o in zip(block.host, block.offsets, strict=True)]
+            self._views[(name, slot)] = views
+        return views
+
+    def _point(self, name: str, data: Sequence[torch.Tensor]) -> None:
+        for tensor, target in zip(self._blocks[name].tensors, data, strict=True):
+            tensor.data = target
+
+
+def _events(count: int) -> list[torch.cuda.Event]:
+    return [torch.cuda.Event() for _ in range(count)]  # type: ignore[no-untyped-call]
+
+
+def _typed(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """A view of `buffer` (uint8) at byte `offset` with the dtype and shape of `like`."""
+    nbytes = like.numel() * like.element_size()
+    return buffer[offset : offset + nbytes].view(like.dtype).view(like.shape)
