@@ -1,0 +1,550 @@
+"""Stream every tensor from the checkpoint straight to the device the plan stores it on.
+
+GPU and CPU tensors are read from the file into their final buffer one at a time
+(host RAM: the CPU-resident weights plus a few tensors). Disk tensors are the
+checkpoint itself, memory-mapped, when dtype and layout allow; otherwise they come
+from one converted safetensors cache, written once per (model, dtype, tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.text import Text
+
+from . import checkpoint
+from .checkpoint import CheckpointIndex, TensorInfo
+from .convert import KeyMap, Recipe, map_checkpoint, raise_on_mismatch, run_recipe
+from .devices import CPU, DISK, Device, format_size, parse_device
+from .errors import CorruptCheckpoint, DeviceOutOfMemory, LoadError, OffloadError, PlanMismatch
+from .plan import Plan
+from .skeleton import Skeleton, build_skeleton
+
+_SKELETON_OPTIONS = ("no_split", "trust_remote_code")  # options that shape the model itself
+
+
+def load(
+    model: Any,
+    plan: Plan | None = None,
+    *,
+    offload_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    **plan_options: Any,
+) -> Any:
+    """The transformers model with every weight where `plan` puts it, ready for `generate`.
+
+    `model` is a path, config.json, cached hub id or Skeleton. Without a plan, plans first
+    with `plan_options` (the options of `devicemap.plan`). Disk tensors that need another
+    dtype or layout come from one converted cache under `offload_dir` (default
+    `$DEVICEMAP_CACHE/offload`, else `~/.cache/devicemap/offload`).
+    """
+    if plan is not None and set(plan_options) - set(_SKELETON_OPTIONS):
+        extra = ", ".join(sorted(set(plan_options) - set(_SKELETON_OPTIONS)))
+        raise TypeError(f"load() got a plan and planning options ({extra}); give one or the other")
+    skeleton = _skeleton(model, plan, plan_options)
+    if plan is None:
+        from .plan import plan as make
+
+        plan = make(skeleton, **plan_options)
+    check = getattr(plan, "check", None)
+    if check is not None:
+        check(skeleton)
+    index = checkpoint.read_index(skeleton.source)  # CorruptCheckpoint before any allocation
+    return place(skeleton, plan, index, offload_dir=offload_dir, progress=progress)
+
+
+def _skeleton(model: Any, plan: Plan | None, options: Mapping[str, Any]) -> Skeleton:
+    if isinstance(model, Skeleton):
+        return model
+    dtype = plan.dtype if plan is not None else options.get("dtype")
+    kwargs = {k: options[k] for k in _SKELETON_OPTIONS if k in options}
+    return build_skeleton(model, dtype=dtype, **kwargs)
+
+
+def place(
+    skeleton: Skeleton,
+    plan: Plan,
+    index: CheckpointIndex,
+    *,
+    offload_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Any:
+    """Fill the skeleton's meta model from `index` as `plan` says, tie, dispatch, return it.
+
+    On any error every tensor placed so far is put back on meta (nothing stays allocated).
+    """
+    model = skeleton.model
+    if skeleton.dtype != plan.dtype:
+        raise PlanMismatch(
+            f"the plan for {plan.model} is for {plan.dtype} but the model was built for"
+            f" {skeleton.dtype}; build it with build_skeleton(..., dtype={plan.dtype})"
+        )
+    where = _placement(model, plan)
+    keys = map_checkpoint(model, index)
+    raise_on_mismatch(keys, skeleton.source.name)
+    job = _Job(model, plan, keys, where)
+    try:
+        with _meter(job, progress) as meter:
+            cached = _offload(job, _offload_dir(offload_dir), skeleton, meter)
+            for recipe in keys.recipes:
+                _place_recipe(job, recipe, cached, meter)
+        _finish(job, skeleton)
+    except BaseException:
+        job.undo()
+        raise
+    return model
+
+
+@dataclass(frozen=True)
+class _Where:
+    storage: Device  # where the tensor is kept
+    execute: Device  # where its block runs
+
+
+def _placement(model: torch.nn.Module, plan: Plan) -> dict[str, _Where]:
+    """Each state_dict key and non-persistent buffer -> its block's devices; PlanMismatch if off."""
+    names = {name for name, _ in model.named_modules()} | set(model.state_dict())
+    unknown = sorted(k for k in plan.device_map if k and k not in names)
+    keys = [*model.state_dict(), *(name for name, _ in _non_persistent(model))]
+    where, uncovered = {}, []
+    for key in keys:
+        block = _block_of(key, plan.device_map)
+        if block is None:
+            uncovered.append(key)
+            continue
+        storage = parse_device(plan.device_map[block])
+        default = CPU if storage == DISK else storage
+        where[key] = _Where(storage, parse_device(plan.exec_map.get(block, default.map_value)))
+    if unknown or uncovered:
+        raise PlanMismatch(
+            f"the plan for {plan.model} does not fit this model: "
+            + (f"it places modules the model lacks ({', '.join(unknown[:8])}); " if unknown else "")
+            + (f"it leaves {', '.join(uncovered[:8])} unplaced; " if uncovered else "")
+            + "make a new plan for this model with devicemap.plan(model, ...)"
+        )
+    return where
+
+
+def _block_of(key: str, device_map: Mapping[str, Any]) -> str | None:
+    """The longest device-map prefix that covers `key` ("" covers everything)."""
+    parts = key.split(".")
+    for end in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in device_map:
+            return prefix
+    return None
+
+
+def _non_persistent(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    persistent = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            yield name, buffer
+
+
+@dataclass
+class _Job:
+    """One load in progress: what goes where, and what was there before (to undo on error)."""
+
+    model: torch.nn.Module
+    plan: Plan
+    keys: KeyMap
+    where: dict[str, _Where]
+    loaded: dict[Device, int] = field(default_factory=dict)  # bytes placed per storage device
+    before: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for module in self.model.modules():  # references only: cheap, and undo restores ties too
+            for table in (module._parameters, module._buffers):
+                self.before += [(table, name, value) for name, value in table.items()]
+
+    def like(self, key: str) -> torch.Tensor:
+        """The tensor the model holds under `key` now (meta until placed)."""
+        path, _, name = key.rpartition(".")
+        module = self.model.get_submodule(path)
+        tensor = module._parameters.get(name, module._buffers.get(name))
+        assert tensor is not None, key
+        return tensor
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype transformers gives `key`: the skeleton is built at the plan's dtype, with
+        keep-in-fp32 modules in fp32 and integer buffers as they are."""
+        return self.like(key).dtype
+
+    def nbytes(self, key: str) -> int:
+        return self.like(key).numel() * self.dtype(key).itemsize
+
+    def set(self, key: str, tensor: torch.Tensor) -> None:
+        """Replace the meta tensor `key` with `tensor` (a frozen Parameter for parameters)."""
+        path, _, name = key.rpartition(".")
+        module = self.model.get_submodule(path)
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[name] = tensor
+        storage = self.where[key].storage
+        self.loaded[storage] = self.loaded.get(storage, 0) + tensor.nbytes
+
+    def keys_on(self, device: Device) -> list[str]:
+        return [k for r in self.keys.recipes for k in r.targets if self.where[k].storage == device]
+
+    def undo(self) -> None:
+        """Put every tensor back as it was (meta), so no device memory stays held."""
+        for table, name, value in self.before:
+            table[name] = value
+        self.loaded.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _place_recipe(
+    job: _Job, recipe: Recipe, cached: Mapping[str, TensorInfo], meter: _Meter
+) -> None:
+    """Make the recipe's targets and put each on its storage device (disk: a file view)."""
+    rest = []
+    for key in recipe.targets:
+        if job.where[key].storage != DISK:
+            rest.append(key)
+            continue
+        view = checkpoint.tensor_view(cached[key] if key in cached else recipe.inputs[0])
+        job.set(key, view)  # zero-copy: the parameter IS the file's page cache
+        meter.advance(DISK, view.nbytes)
+    if not rest:
+        return
+    made = run_recipe(recipe, job.model, _fetch)
+    for key in rest:
+        storage = job.where[key].storage
+        tensor = _to(made.pop(key), storage, job.dtype(key), job, key)
+        job.set(key, tensor)
+        meter.advance(storage, tensor.nbytes)
+
+
+def _zero_copy(job: _Job, recipe: Recipe, key: str) -> bool:
+    """A disk tensor can be the checkpoint itself: same dtype, stored 1:1 in a safetensors file."""
+    info = recipe.inputs[0]
+    return recipe.is_copy and info.offset >= 0 and info.dtype == job.dtype(key)
+
+
+# --- reading ---------------------------------------------------------------------
+
+
+def _fetch(info: TensorInfo) -> torch.Tensor:
+    """The tensor in fresh CPU memory, read from the file into it (no mmap pages stay mapped)."""
+    if info.offset < 0 or info.nbytes == 0:  # pickled .bin: torch's own mmap
+        return checkpoint.read_tensor(info)
+    out = torch.empty(info.shape, dtype=info.dtype)
+    buffer = out.reshape(-1).view(torch.uint8).numpy().data  # [nbytes] u8, same memory
+    with open(info.file, "rb", buffering=0) as f:
+        done = 0
+        while done < info.nbytes:  # preadv may return less than asked (2 GiB per call on Linux)
+            n = os.preadv(f.fileno(), [buffer[done:]], info.offset + done)
+            if n <= 0:
+                raise CorruptCheckpoint(
+                    f"{info.file}: tensor {info.name!r} ends past the end of the file, which"
+                    " changed after it was indexed. Re-download the checkpoint and try again."
+                )
+            done += n
+    return out
+
+
+def _to(
+    tensor: torch.Tensor, device: Device, dtype: torch.dtype, job: _Job, key: str
+) -> torch.Tensor:
+    """`tensor` on `device` in `dtype`; running out of memory becomes DeviceOutOfMemory."""
+    try:
+        return _copy(tensor, device.torch(), dtype)
+    except torch.OutOfMemoryError as error:
+        raise _out_of_memory(job, device, key) from error
+    except RuntimeError as error:  # the CPU allocator raises a plain RuntimeError
+        if "can't allocate memory" not in str(error):
+            raise
+        raise _out_of_memory(job, device, key) from error
+
+
+def _copy(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype)  # no copy when both already match
+
+
+def _out_of_memory(job: _Job, device: Device, key: str) -> DeviceOutOfMemory:
+    needed = sum(job.nbytes(k) for k in job.keys_on(device))  # bytes the plan puts there
+    placed = job.loaded.get(device, 0)
+    free = _free_now(device)
+    fits = placed + (free or 0)  # bytes that device could hold
+    budgets = {str(u.device): u.budget for u in job.plan.devices}
+    budgets[str(device)] = int(min(budgets.get(str(device), fits), fits) * 0.9)
+    suggestion = ", ".join(
+        f"{d!r}: {format_size(b).replace(' ', '')!r}" for d, b in budgets.items()
+    )
+    return DeviceOutOfMemory(
+        f"{device} ran out of memory while loading {key} ({format_size(job.nbytes(key))}):"
+        f" the plan puts {format_size(needed)} of weights there; {format_size(placed)} were"
+        f" placed and {format_size(free) if free is not None else 'an unknown amount'} is free."
+        f" Everything loaded so far was freed. Plan again with a lower budget for {device},"
+        f" e.g. devicemap.plan(model, max_memory={{{suggestion}}})"
+    )
+
+
+def _free_now(device: Device) -> int | None:
+    if device.kind == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device.index)[0])
+    if device == CPU:
+        return int(psutil.virtual_memory().available)
+    return None
+
+
+# --- the converted disk cache ----------------------------------------------------------
+
+_ALIGN = 64  # bytes: where each cached tensor starts
+_CODES = {dtype: code for code, dtype in checkpoint._DTYPES.items()}  # torch dtype -> "BF16"
+
+
+def _offload_dir(offload_dir: str | os.PathLike[str] | None) -> Path:
+    if offload_dir is not None:
+        return Path(offload_dir).expanduser()
+    return Path(os.environ.get("DEVICEMAP_CACHE", "~/.cache/devicemap")).expanduser() / "offload"
+
+
+def _offload(
+    job: _Job, directory: Path, skeleton: Skeleton, meter: _Meter
+) -> dict[str, TensorInfo]:
+    """Disk tensors that cannot be the checkpoint itself, in one converted safetensors file."""
+    todo = {
+        key: recipe
+        for recipe in job.keys.recipes
+        for key in recipe.targets
+        if job.where[key].storage == DISK and not _zero_copy(job, recipe, key)
+    }
+    if not todo:
+        return {}
+    header, infos = _layout(job, list(todo), _fingerprint(job, skeleton, todo), directory)
+    path = next(iter(infos.values())).file
+    if _valid(path, header, infos):
+        meter.advance(DISK, sum(i.nbytes for i in infos.values()))
+    else:
+        _write(job, path, header, [(infos[k], todo[k]) for k in todo], meter)
+    return infos
+
+
+def _fingerprint(job: _Job, skeleton: Skeleton, todo: Mapping[str, Recipe]) -> str:
+    """sha256 of the model, dtype, the cached tensors and the source files they come from."""
+    files = sorted({str(i.file) for r in todo.values() for i in r.inputs})
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    tensors = [(k, str(job.dtype(k))) for k in todo]
+    blob = json.dumps([skeleton.fingerprint, str(job.plan.dtype), tensors, stats])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _layout(
+    job: _Job, order: list[str], fingerprint: str, directory: Path
+) -> tuple[bytes, dict[str, TensorInfo]]:
+    """The safetensors header for `order` and where each tensor will be in the file.
+
+    Every tensor starts on a 64-byte boundary (CPU kernels pick other, differently rounding
+    paths for unaligned weights); the gaps are explicit u8 pad tensors, as safetensors
+    allows no holes.
+    """
+    path = directory / f"{fingerprint[:32]}.safetensors"
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt", "devicemap": fingerprint}}
+    spans, begin = {}, 0
+    for key in order:
+        if pad := -begin % _ALIGN:
+            entries[f"__pad{len(entries)}__"] = {
+                "dtype": "U8",
+                "shape": [pad],
+                "data_offsets": [begin, begin + pad],
+            }
+            begin += pad
+        nbytes = job.nbytes(key)
+        code, shape = _CODES[job.dtype(key)], list(job.like(key).shape)
+        entries[key] = {"dtype": code, "shape": shape, "data_offsets": [begin, begin + nbytes]}
+        spans[key] = (begin, nbytes)
+        begin += nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % _ALIGN)  # data starts 64-byte aligned too
+    start = 8 + len(header)
+    infos = {
+        key: TensorInfo(key, path, job.dtype(key), tuple(job.like(key).shape), start + b, n)
+        for key, (b, n) in spans.items()
+    }
+    return header, infos
+
+
+def _valid(path: Path, header: bytes, infos: Mapping[str, TensorInfo]) -> bool:
+    """A finished cache for exactly these tensors: same header (fingerprint inside), full size."""
+    size = max(i.offset + i.nbytes for i in infos.values())  # bytes
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8 + len(header))
+            return (
+                head == struct.pack("<Q", len(header)) + header
+                and os.fstat(f.fileno()).st_size == size
+            )
+    except OSError:
+        return False
+
+
+def _write(
+    job: _Job, path: Path, header: bytes, todo: list[tuple[TensorInfo, Recipe]], meter: _Meter
+) -> None:
+    """Write the cache tensor by tensor to a temp file, fsync, rename: never half-written."""
+    total = max(i.offset + i.nbytes for i, _ in todo)  # bytes of the whole file
+    directory = path.parent
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    free: int | None = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(directory).free
+        if free < total:
+            raise OSError(
+                errno.ENOSPC, os.strerror(errno.ENOSPC)
+            )  # ENOSPC, before writing anything
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            _write_tensors(job, f, todo, meter)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # make the rename durable where the OS allows
+            fd = os.open(directory, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OffloadError(
+            f"cannot write the offload cache in {directory}: {error.strerror or error}."
+            f" It needs {format_size(total)}"
+            + (f" and {format_size(free)} is free" if free is not None else "")
+            + ". Free space there, or give load(..., offload_dir=...) a writable directory with"
+            f" at least {format_size(total)} free; nothing half-written was kept."
+        ) from error
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _write_tensors(job: _Job, f: Any, todo: list[tuple[TensorInfo, Recipe]], meter: _Meter) -> None:
+    made: dict[str, torch.Tensor] = {}
+    last: Recipe | None = None
+    for info, recipe in todo:
+        if recipe is not last or info.name not in made:  # each recipe runs once for all targets
+            made, last = run_recipe(recipe, job.model, _fetch), recipe
+        tensor = made.pop(info.name).to(info.dtype).contiguous()
+        f.seek(info.offset)  # past a pad: the gap reads as zeros
+        _write_bytes(f, tensor.reshape(-1).view(torch.uint8).numpy().data)
+        meter.advance(DISK, tensor.nbytes)
+
+
+def _write_bytes(f: Any, data: memoryview) -> None:
+    f.write(data)
+
+
+# --- progress ---------------------------------------------------------------------
+
+
+class _GBps(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed  # bytes/s
+        return Text(
+            f"{speed / 1e9:.2f} GB/s" if speed else "-.-- GB/s", style="progress.data.speed"
+        )
+
+
+@dataclass
+class _Meter:
+    progress: Progress
+    tasks: dict[Device, Any]
+
+    def advance(self, device: Device, nbytes: int) -> None:
+        self.progress.advance(self.tasks[device], nbytes)
+
+
+@contextlib.contextmanager
+def _meter(job: _Job, enabled: bool) -> Iterator[_Meter]:
+    """A rich progress bar on stderr: bytes done / total and GB/s, one line per storage device."""
+    totals: dict[Device, int] = {}
+    for recipe in job.keys.recipes:
+        for key in recipe.targets:
+            storage = job.where[key].storage
+            totals[storage] = totals.get(storage, 0) + job.nbytes(key)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        _GBps(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+    ordered = sorted(totals, key=lambda d: d.sort_key)
+    tasks = {d: progress.add_task(f"loading -> {d}", total=totals[d]) for d in ordered}
+    with progress:
+        yield _Meter(progress, tasks)
+
+
+# --- after the weights -------------------------------------------------------------
+
+
+def _finish(job: _Job, skeleton: Skeleton) -> None:
+    """Buffers to their execution device, ties, eval mode, generation config, hooks."""
+    model = job.model
+    for name, buffer in list(_non_persistent(model)):
+        if buffer.is_meta:
+            raise LoadError(
+                f"non-persistent buffer {name} is still on meta; build the model with"
+                " devicemap.skeleton.build_skeleton, which computes such buffers"
+            )
+        path, _, leaf = name.rpartition(".")
+        model.get_submodule(path)._buffers[leaf] = buffer.to(job.where[name].execute.torch())
+    tie = getattr(model, "tie_weights", None)
+    if tie is not None and getattr(model, "all_tied_weights_keys", None) is not None:
+        tie(missing_keys=set(job.keys.not_loaded), recompute_mapping=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LoadError(f"nothing in the checkpoint filled {', '.join(left[:8])}")
+    model.eval()
+    _generation_config(model, skeleton.source.root)
+    model.devicemap_plan = job.plan  # type: ignore[assignment]
+    _dispatch(model, job.plan)
+
+
+def _generation_config(model: torch.nn.Module, root: Path) -> None:
+    can_generate = getattr(model, "can_generate", None)
+    if (
+        can_generate is None
+        or not can_generate()
+        or not (root / "generation_config.json").is_file()
+    ):
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_pretrained(root)  # type: ignore[assignment]
+
+
+def _dispatch(model: torch.nn.Module, plan: Plan) -> None:
+    """Hooks at device boundaries (dispatch.py); a CPU-only plan runs without them if absent."""
+    try:
+        from .dispatch import dispatch
+
+        dispatch(model, plan)
+    except (ImportError, NotImplementedError) as error:
+        gpus = sorted({str(v) for v in plan.exec_map.values() if parse_device(v).is_gpu})
+        if gpus:
+            raise LoadError(
+                f"the plan runs blocks on {', '.join(gpus)} but devicemap.dispatch is unavailable"
+                f" ({error}); reinstall devicemap"
+            ) from error
