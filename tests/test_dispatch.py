@@ -119,10 +119,10 @@ def to_mmap(module: torch.nn.Module, path: Path) -> None:
     if not tensors:
         return
     save_file({str(i): t.detach().contiguous() for i, t in enumerate(tensors)}, str(path))
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # the header through read(): no page of the map is touched
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    header_len = int.from_bytes(buffer[:8], "little")
-    header = json.loads(buffer[8 : 8 + header_len])
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
     for i, tensor in enumerate(tensors):
         entry = header[str(i)]
         start, end = entry["data_offsets"]
