@@ -1,14 +1,28 @@
-"""The model built on the meta device, cut into placeable blocks in execution order."""
+"""The model built on the meta device, cut into placeable blocks in execution order.
+
+`build_skeleton` loads a config with transformers, builds the model class named in
+its `architectures` on the meta device (parameters have shape and dtype, no data),
+makes the non-persistent buffers (rotary `inv_freq`, `position_ids`) real on CPU,
+and cuts the module tree into blocks: the no-split units (decoder layers) and the
+loose modules between them. A forward pass on meta tensors records the order the
+blocks run in. Sizes, ties and the per-token memory model come from the same build.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checkpoint import ModelSource
+from .checkpoint import ModelSource, resolve_model
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,20 @@ class Skeleton:
     fingerprint: str  # sha256 of the config (not the dtype)
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+# config keys that change between saves of the same model, or that the plan's dtype overrides
+_VOLATILE_KEYS = frozenset({"transformers_version", "_name_or_path", "dtype", "torch_dtype"})
+
+
 def build_skeleton(
     model: str | os.PathLike[str] | ModelSource,
     *,
@@ -47,4 +75,608 @@ def build_skeleton(
     trust_remote_code: bool = False,
 ) -> Skeleton:
     """Build the model on meta and derive its blocks, sizes and ties."""
-    raise NotImplementedError
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    config = load_config(source, trust_remote_code=trust_remote_code)
+    fingerprint = fingerprint_config(config)  # before the build writes the dtype into it
+    plan_dtype = parse_dtype(dtype, config)
+    cls = model_class(config, source, trust_remote_code=trust_remote_code)
+    module = build_on_meta(cls, config, plan_dtype)
+    units = set(getattr(module, "_no_split_modules", None) or ()) | set(no_split)
+    parts = find_parts(module, units)
+    parts, order = order_parts(parts, lambda: build_on_meta(cls, config, plan_dtype), units, config)
+    materialize_buffers(module)
+    blocks = make_blocks(module, parts, config, plan_dtype)
+    vocab = getattr(config.get_text_config(decoder=True), "vocab_size", None) or 0
+    return Skeleton(
+        model=module,
+        config=config,
+        source=source,
+        dtype=plan_dtype,
+        blocks=blocks,
+        order=order,
+        tied=tied_groups(module, parts),
+        output_block=output_block(module, parts),
+        logits_bytes_per_token=vocab * 4,  # fp32 logits
+        max_positions=max_positions(config),
+        fingerprint=fingerprint,
+    )
+
+
+# --- config -----------------------------------------------------------------
+
+
+def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of `source`, checked to name a model class."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            str(source.config_path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"{source.config_path}: transformers cannot read this config ({exc}). "
+            "Check that it is a model's config.json with a known `model_type`."
+        ) from exc
+    if not getattr(config, "architectures", None):
+        raise ConfigError(
+            f"{source.config_path} has no `architectures` entry, so devicemap cannot tell which "
+            'model class to build. Add the class, e.g. "architectures": ["LlamaForCausalLM"] '
+            "(the name is on the model card, or in the config of the original release)."
+        )
+    return config
+
+
+def parse_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
+    """The plan dtype: `dtype` if given (a torch dtype or a name), else the config's, else fp32."""
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if dtype is None or dtype == "auto":
+            return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ConfigError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+
+
+def model_class(config: Any, source: ModelSource, *, trust_remote_code: bool = False) -> type:
+    """The class named first in `config.architectures`, from transformers or the model's code."""
+    import transformers
+
+    name = config.architectures[0]
+    cls = getattr(transformers, name, None)
+    if isinstance(cls, type):
+        return cls
+    auto_map = getattr(config, "auto_map", None) or {}
+    refs = [r for r in auto_map.values() if isinstance(r, str) and r.split(".")[-1] == name]
+    if trust_remote_code and refs:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(refs[0], str(source.root))  # type: ignore[no-any-return]
+    hint = (
+        " The config ships its own code (auto_map): pass trust_remote_code=True if you trust it."
+        if refs
+        else " Check the spelling, or upgrade transformers if the architecture is newer."
+    )
+    raise ConfigError(
+        f"{source.config_path} names the architecture {name!r}, which transformers "
+        f"{transformers.__version__} does not have.{hint}"
+    )
+
+
+def fingerprint_config(config: Any) -> str:
+    """sha256 of the config's canonical JSON, without volatile keys (version, path, dtype)."""
+    text = json.dumps(_without_volatile(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _without_volatile(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_volatile(v) for k, v in value.items() if k not in _VOLATILE_KEYS}
+    if isinstance(value, list):
+        return [_without_volatile(v) for v in value]
+    return value
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest context the config allows (text config for VLMs); None when it has no limit."""
+    for cfg in (config, config.get_text_config(decoder=True)):
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+# --- the meta build -----------------------------------------------------------
+
+
+def build_on_meta(cls: type, config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """`cls(config)` with every tensor on meta, at `dtype`, keep-in-fp32 modules in fp32."""
+    with torch.device("meta"):
+        module: torch.nn.Module = cls._from_config(config, dtype=dtype)  # type: ignore[attr-defined]
+    keep_fp32(module, dtype)
+    return module.eval()
+
+
+def keep_fp32(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give parameters that transformers loads in fp32 (its keep-in-fp32 plan) the fp32 dtype.
+
+    transformers 5 keeps `_keep_in_fp32_modules` in fp32 only when loading in fp16, and
+    `_keep_in_fp32_modules_strict` in fp32 under fp16 and bf16; patterns match by search.
+    """
+    get_plan = getattr(module, "_get_dtype_plan", None)
+    patterns = list(get_plan(dtype)) if get_plan is not None else []
+    if not patterns:
+        return
+    pattern = re.compile("|".join(p.replace("*", ".*") for p in patterns))
+    for name, param in module.named_parameters():
+        if pattern.search(name) and param.is_floating_point():
+            param.data = param.data.to(torch.float32)
+
+
+def materialize_buffers(module: torch.nn.Module) -> None:
+    """Recompute the non-persistent buffers (rotary inv_freq, position_ids) on CPU.
+
+    They are not in checkpoints, so the loader needs their values. Each module that owns
+    one gets fresh CPU buffers and is re-initialised by the `_init_weights` of its nearest
+    transformers model (as `from_pretrained` does); its parameters stay on meta.
+    """
+    from transformers import PreTrainedModel
+
+    with torch.no_grad():
+        for owner, sub in _modules_with_owner(module, PreTrainedModel):
+            names = [n for n in sub._non_persistent_buffers_set if sub._buffers.get(n) is not None]
+            for name in names:
+                buffer = sub._buffers[name]
+                assert buffer is not None
+                sub._buffers[name] = torch.empty_like(buffer, device="cpu")
+            if names and owner is not None:
+                owner._init_weights(sub)
+
+
+def _modules_with_owner(
+    module: torch.nn.Module, owner_type: type, owner: Any = None
+) -> Iterator[tuple[Any, torch.nn.Module]]:
+    """Every module with the nearest enclosing `owner_type` module (itself included)."""
+    owner = module if isinstance(module, owner_type) else owner
+    yield owner, module
+    for child in module.children():
+        yield from _modules_with_owner(child, owner_type, owner)
+
+
+# --- blocks -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A block before sizing: a module (or one tensor of a module) and where it sits."""
+
+    name: str
+    module: torch.nn.Module  # the module it is, or the module owning its single tensor
+    tensor: str | None  # set when the block is one direct tensor of a module holding units
+    no_split: bool
+
+
+def find_parts(module: torch.nn.Module, units: set[str]) -> list[_Part]:
+    """No-split units and the maximal unit-free subtrees holding tensors, in registration order."""
+    contains: dict[int, bool] = {}
+    _mark_units(module, units, contains)
+    parts: list[_Part] = []
+    _collect(module, "", units, contains, parts)
+    return parts
+
+
+def _mark_units(module: torch.nn.Module, units: set[str], contains: dict[int, bool]) -> bool:
+    """Fill `contains[id(m)]`: does m's subtree hold a no-split unit (m itself included)?"""
+    found = type(module).__name__ in units
+    for child in module.children():
+        found = _mark_units(child, units, contains) or found
+    contains[id(module)] = found
+    return found
+
+
+def _collect(
+    module: torch.nn.Module,
+    prefix: str,
+    units: set[str],
+    contains: dict[int, bool],
+    parts: list[_Part],
+) -> None:
+    if prefix and type(module).__name__ in units:
+        parts.append(_Part(prefix, module, None, no_split=True))
+        return
+    if prefix and not contains[id(module)]:
+        if _has_tensors(module):
+            parts.append(_Part(prefix, module, None, no_split=False))
+        return
+    # holds units (or is the root): its own tensors become blocks, its children are visited
+    direct = [*module._parameters.items(), *module._buffers.items()]
+    for name, tensor in direct:
+        if tensor is not None:
+            parts.append(_Part(_join(prefix, name), module, name, no_split=False))
+    for name, child in module.named_children():
+        _collect(child, _join(prefix, name), units, contains, parts)
+
+
+def _has_tensors(module: torch.nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def make_blocks(
+    module: torch.nn.Module, parts: list[_Part], config: Any, dtype: torch.dtype
+) -> tuple[Block, ...]:
+    """Blocks in `parts` order: state_dict keys, bytes (each tensor once), memory per token."""
+    keys = _keys_by_part(module, parts)
+    seen: set[int] = set()  # ids of tensors already counted (ties count once)
+    owners = _config_owners(module)
+    kv = _kv_layers(config, dtype)
+    blocks = []
+    for part in parts:
+        cfg = owners.get(id(part.module), config)
+        kv_bytes, window = block_kv(part, kv)
+        blocks.append(
+            Block(
+                name=part.name,
+                params=tuple(keys[part.name]),
+                nbytes=_count_bytes(_tensors(part), seen),
+                no_split=part.no_split,
+                kv_bytes_per_token=kv_bytes,
+                kv_window=window,
+                act_bytes_per_token=block_act_bytes(part, cfg, dtype),
+            )
+        )
+    return tuple(blocks)
+
+
+def _keys_by_part(module: torch.nn.Module, parts: list[_Part]) -> dict[str, list[str]]:
+    """state_dict key -> the block whose prefix it has; every key lands in exactly one block."""
+    keys: dict[str, list[str]] = {p.name: [] for p in parts}
+    orphans = []
+    for key in module.state_dict(keep_vars=True):
+        prefix = key
+        while prefix not in keys and "." in prefix:
+            prefix = prefix.rsplit(".", 1)[0]
+        if prefix in keys:
+            keys[prefix].append(key)
+        else:
+            orphans.append(key)
+    assert not orphans, f"state_dict keys in no block: {orphans}"
+    return keys
+
+
+def _tensors(part: _Part) -> list[torch.Tensor]:
+    if part.tensor is not None:
+        tensor = getattr(part.module, part.tensor)
+        return [tensor]
+    params = [p for _, p in part.module.named_parameters(remove_duplicate=False)]
+    buffers = [b for _, b in part.module.named_buffers(remove_duplicate=False)]
+    return params + buffers
+
+
+def _count_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
+    """Bytes of the tensors not yet in `seen` (at the dtype they were built with)."""
+    total = 0
+    for tensor in tensors:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# --- execution order ----------------------------------------------------------
+
+
+class _MetaScalars(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Answers the data-dependent questions a forward asks of meta tensors.
+
+    `.item()` / `bool()` on meta returns 1 / True (masks "all ones", checks pass), and
+    `nonzero` returns no rows (MoE routing selects no expert). Only the call order matters.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        aten = torch.ops.aten
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.device.type == "meta":
+            if func is aten._local_scalar_dense.default:
+                return True if first.dtype == torch.bool else 1
+            if func is aten.nonzero.default:
+                return torch.empty((0, first.dim()), dtype=torch.long, device="meta")
+        return func(*args, **(kwargs or {}))
+
+
+def order_parts(
+    parts: list[_Part], build: Callable[[], torch.nn.Module], units: set[str], config: Any
+) -> tuple[list[_Part], Literal["forward", "registration"]]:
+    """Parts in the order a forward on meta tensors first calls them; uncalled ones last.
+
+    The forward runs on a scratch build (`build()`), since a forward may install hooks
+    (transformers' output capturing) that must not stay on the skeleton's model. It first
+    runs with each stack of no-split units cut to its first two (meta ops run in Python:
+    80 full layers cost ~0.3 s), then whole; if both fail on meta, registration order.
+    """
+    for shorten in (True, False):
+        scratch = build()
+        try:
+            called = _called_names(scratch, find_parts(scratch, units), config, shorten=shorten)
+        except Exception:  # any failure on meta: try the next way
+            continue
+        first = {name: i for i, name in enumerate(called)}
+        ranked = sorted(enumerate(parts), key=lambda ip: (first.get(ip[1].name, len(first)), ip[0]))
+        return [p for _, p in ranked], "forward"
+    return parts, "registration"
+
+
+def _called_names(
+    scratch: torch.nn.Module, parts: list[_Part], config: Any, *, shorten: bool
+) -> list[str]:
+    """Names of `scratch`'s parts in first-call order during one meta forward (mutates it).
+
+    With `shorten`, each ModuleList of three or more no-split units runs only its first two
+    and the rest are placed after the second: a stack of layers runs in index order.
+    """
+    names: dict[int, list[str]] = {}  # id(module) -> parts it carries
+    for part in parts:
+        names.setdefault(id(part.module), []).append(part.name)
+    calls: list[str] = []
+    seen: set[int] = set()
+
+    def record(m: torch.nn.Module, args: Any) -> None:
+        if id(m) not in seen:
+            seen.add(id(m))
+            calls.extend(names[id(m)])
+
+    for part in parts:
+        part.module.register_forward_pre_hook(record)
+    stacks = _unit_stacks(scratch, {id(p.module) for p in parts if p.no_split}) if shorten else []
+    for parent, attr, stack, _ in stacks:
+        parent._modules[attr] = torch.nn.ModuleList(list(stack)[:2])
+    _trace_forward(scratch, config)
+    for _, _, stack, prefix in stacks:
+        at = calls.index(f"{prefix}.1") + 1  # ValueError if the stack did not run: full trace
+        calls[at:at] = [f"{prefix}.{i}" for i in range(2, len(stack))]
+    return calls
+
+
+def _unit_stacks(
+    module: torch.nn.Module, unit_ids: set[int], prefix: str = ""
+) -> list[tuple[torch.nn.Module, str, torch.nn.ModuleList, str]]:
+    """(parent, attribute, list, prefix) of every ModuleList of 3+ modules that are all units."""
+    stacks = []
+    for attr, child in module.named_children():
+        name = _join(prefix, attr)
+        if isinstance(child, torch.nn.ModuleList) and _all_units(child, unit_ids):
+            stacks.append((module, attr, child, name))
+            continue
+        stacks += _unit_stacks(child, unit_ids, name)
+    return stacks
+
+
+def _all_units(stack: torch.nn.ModuleList, unit_ids: set[int]) -> bool:
+    return len(stack) > 2 and all(id(m) in unit_ids for m in stack)
+
+
+def _trace_forward(scratch: torch.nn.Module, config: Any) -> None:
+    """One forward of `scratch` on meta inputs (`trace_inputs`), MoE experts in eager mode."""
+    can_set_experts = getattr(scratch, "_can_set_experts_implementation", None)
+    if can_set_experts is not None and can_set_experts():
+        scratch.set_experts_implementation("eager")  # type: ignore[operator]  # grouped_mm: bf16 only
+    with torch.no_grad(), _MetaScalars():  # type: ignore[no-untyped-call]
+        scratch(**trace_inputs(config), use_cache=False)
+
+
+def trace_inputs(config: Any) -> dict[str, torch.Tensor]:
+    """Meta inputs: input_ids [1, 8]; decoder ids and pixels where the model takes them."""
+    ids = torch.zeros((1, 8), dtype=torch.long, device="meta")  # [B, T]
+    inputs = {"input_ids": ids}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and getattr(vision, "image_size", None):
+        size, channels = vision.image_size, getattr(vision, "num_channels", 3)
+        inputs["pixel_values"] = torch.zeros((1, channels, size, size), device="meta")
+    return inputs
+
+
+# --- ties and the output ------------------------------------------------------
+
+
+def tied_groups(module: torch.nn.Module, parts: list[_Part]) -> tuple[tuple[str, ...], ...]:
+    """Groups of blocks sharing a tensor: transformers' tie mapping plus ties made in __init__."""
+    block_of = _block_lookup(parts)
+    pairs: list[tuple[str, str]] = []
+    mapping = getattr(module, "all_tied_weights_keys", None) or {}
+    pairs += [(block_of(target), block_of(source)) for target, source in mapping.items()]
+    first_name: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        pairs.append((block_of(first_name.setdefault(id(param), name)), block_of(name)))
+    return _union(pairs, [p.name for p in parts])
+
+
+def _block_lookup(parts: list[_Part]) -> Any:
+    names = {p.name for p in parts}
+
+    def block_of(key: str) -> str:
+        prefix = key
+        while prefix not in names and "." in prefix:
+            prefix = prefix.rsplit(".", 1)[0]
+        return prefix if prefix in names else ""
+
+    return block_of
+
+
+def _union(pairs: list[tuple[str, str]], order: list[str]) -> tuple[tuple[str, ...], ...]:
+    """Connected groups (of two or more) of the pairs' names, each and all in `order`."""
+    parent = {name: name for name in order}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for a, b in pairs:
+        if a in parent and b in parent:
+            parent[root(a)] = root(b)
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(root(name), []).append(name)
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+
+
+def output_block(module: torch.nn.Module, parts: list[_Part]) -> str | None:
+    """The block holding `get_output_embeddings()` (the LM head), if the model has one."""
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if head is None:
+        return None
+    for part in parts:
+        if part.module is head or any(m is head for m in part.module.modules()):
+            return part.name
+    return None
+
+
+# --- memory per token -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KVLayer:
+    bytes_per_token: int  # K and V of one attention layer, per token per sequence
+    window: int | None  # sliding window; None = whole context
+
+
+def _kv_layers(config: Any, dtype: torch.dtype) -> list[_KVLayer]:
+    """Per decoder layer index: KV bytes per token and window, as transformers' cache holds them.
+
+    Layer types come from `get_layer_types_and_kwargs` (what DynamicCache uses): sliding and
+    chunked layers keep a window; "dummy" layers (shared KV, MLP/MoE-only) keep nothing.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = config.get_text_config(decoder=True)
+    per_token = 2 * kv_heads(text) * head_dim(text) * dtype.itemsize  # K and V
+    try:
+        types, kwargs = get_layer_types_and_kwargs(text)
+    except (AttributeError, TypeError, ValueError):
+        types, kwargs = [], []
+    layers = []
+    for layer_type, layer_kwargs in zip(types, kwargs, strict=False):
+        if layer_type in ("dummy", "conv", "linear_attention", "mamba"):
+            layers.append(_KVLayer(0, None))
+        else:
+            layers.append(_KVLayer(per_token, layer_kwargs.get("sliding_window")))
+    return layers
+
+
+def kv_heads(cfg: Any) -> int:
+    """Key/value heads of one attention layer (GQA configs have fewer than query heads)."""
+    for key in ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ConfigError(f"{type(cfg).__name__} names no attention head count")
+
+
+def head_dim(cfg: Any) -> int:
+    """Width of one attention head: `head_dim` / `d_kv`, else hidden size / query heads."""
+    for key in ("head_dim", "d_kv"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    return hidden_size(cfg) // heads
+
+
+def hidden_size(cfg: Any) -> int:
+    """Width of the residual stream (0 if the config does not say)."""
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            return value
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else None
+    return hidden_size(text) if text is not None and text is not cfg else 0
+
+
+def block_kv(part: _Part, layers: list[_KVLayer]) -> tuple[int, int | None]:
+    """KV bytes per token of the caching attention layers in `part`, and their common window.
+
+    A caching attention layer is the innermost module with a `layer_idx` that is a decoder
+    (`is_decoder`, else `is_causal` not False): encoder and vision attention cache nothing.
+    T5's cross-attention caches the encoder's K/V: counted per token like self-attention
+    (exact when prompt and context are alike in length, an over-estimate otherwise).
+    """
+    if part.tensor is not None:
+        return 0, None
+    found = [layers[i] for i in _caching_layer_indices(part.module) if 0 <= i < len(layers)]
+    windows = {layer.window for layer in found if layer.bytes_per_token}
+    window = windows.pop() if len(windows) == 1 else None  # mixed windows: whole context
+    return sum(layer.bytes_per_token for layer in found), window
+
+
+def _caching_layer_indices(module: torch.nn.Module) -> list[int]:
+    indices = []
+    for sub in module.modules():
+        idx = getattr(sub, "layer_idx", None)
+        if not isinstance(idx, int) or any(
+            isinstance(getattr(m, "layer_idx", None), int) for m in list(sub.modules())[1:]
+        ):
+            continue
+        decoder = getattr(sub, "is_decoder", None)
+        if decoder if decoder is not None else getattr(sub, "is_causal", True) is not False:
+            indices.append(idx)
+    return indices
+
+
+def block_act_bytes(part: _Part, cfg: Any, dtype: torch.dtype) -> int:
+    """Activation workspace while the block runs, per token per sequence, at `dtype`.
+
+    No-split units are transformer layers (`layer_act_width`); every other block passes the
+    residual stream through (embeddings, norms, LM head: logits are counted separately).
+    """
+    width = layer_act_width(cfg) if part.no_split else hidden_size(cfg)
+    return width * dtype.itemsize
+
+
+def layer_act_width(cfg: Any) -> int:
+    """Values live per token at a transformer layer's peak: max of attention and MLP phases.
+
+    Assumes SDPA/flash attention (no T x T score matrix). Attention phase: residual + normed
+    input + q + k + v + attention output. MLP phase: residual + normed input + the gate, up
+    and activated intermediates of each expert a token is routed to (`mlp_width`).
+    """
+    hidden = hidden_size(cfg)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    q_width = heads * head_dim(cfg)
+    attention = 2 * hidden + 2 * q_width + 2 * kv_heads(cfg) * head_dim(cfg)
+    return max(attention, 2 * hidden + 3 * mlp_width(cfg))
+
+
+def mlp_width(cfg: Any) -> int:
+    """Intermediate width a token passes through: dense MLP, or top-k experts + shared expert."""
+    dense = (
+        getattr(cfg, "intermediate_size", None)
+        or getattr(cfg, "n_inner", None)
+        or getattr(cfg, "d_ff", None)
+        or 4 * hidden_size(cfg)
+    )
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if not top_k:
+        return int(dense)
+    expert = getattr(cfg, "moe_intermediate_size", None) or dense
+    shared = getattr(cfg, "shared_expert_intermediate_size", None) or 0
+    return int(top_k * expert + shared)
+
+
+def _config_owners(module: torch.nn.Module) -> dict[int, Any]:
+    """id(module) -> the config of its nearest enclosing transformers model (VLM sub-configs)."""
+    from transformers import PreTrainedModel
+
+    return {
+        id(sub): owner.config
+        for owner, sub in _modules_with_owner(module, PreTrainedModel)
+        if owner is not None
+    }
