@@ -316,3 +316,10 @@ def test_real_configs_parameter_totals(name: str, billions: float, layers: int) 
     assert abs(params / 1e9 - billions) < 0.005 + 1e-9
     assert sum(b.no_split for b in skel.blocks) == layers
     assert skel.order == "forward"
+
+
+def test_user_no_split_classes(tiny_models: dict[str, Path]) -> None:
+    skel = build_skeleton(tiny_models["llama"], no_split=("LlamaRMSNorm", "LlamaMLP"))
+    flags = {b.name: b.no_split for b in skel.blocks}
+    assert flags["model.norm"] and flags["model.layers.0"]  # MLPs stay inside their layers
+    assert not flags["lm_head"] and len(flags) == 8
