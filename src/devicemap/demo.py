@@ -116,7 +116,9 @@ def _convert(gguf: Path, final: Path) -> None:
             _publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
-    console.print(f"demo model converted in {time.perf_counter() - start:.0f} s: {final}")
+    console.print(
+        f"demo model converted in {time.perf_counter() - start:.0f} s: {final}", soft_wrap=True
+    )
 
 
 def _load_gguf(gguf: Path, *, say: Callable[[str], Any]) -> tuple[Any, Any]:
