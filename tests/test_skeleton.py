@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import SHARED_CONFIGS
 from devicemap.errors import ConfigError
 from devicemap.skeleton import Skeleton, build_skeleton
 from tiny import ARCHS, build_tiny, model_class, tiny_config
 
+SHARED_CONFIGS = Path(__file__).parent / "data" / "configs"  # real models' config.json
 _CACHE: dict[tuple[str, str], Skeleton] = {}
 
 
