@@ -5,8 +5,11 @@ The GPU streamer needs CUDA: it is covered in tests/gpu/test_gpu_dispatch.py.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,11 @@ import pytest
 import torch
 
 from devicemap.dispatch import _STATE, dispatch
+from devicemap.errors import OffloadError
 from devicemap.offload import (
     ALIGN,
     PAGE,
+    GpuStreamer,
     PagePrefetcher,
     Successors,
     block_weights,
@@ -170,3 +175,129 @@ def test_prefetch_off_attaches_no_block_hooks(disk_llama: tuple[Any, Any, Path])
     assert model.__dict__[_STATE].offloads == []
     hooked = {n for n, m in model.named_modules() if m._forward_pre_hooks}
     assert hooked == {""}
+
+
+# --- the GPU streamer's bookkeeping, on the CPU with fake streams and events ------------------
+
+
+class FakeEvent:
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeStream:
+    def __init__(self, device: Any = None) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _fake_stream_context(stream: Any) -> Iterator[None]:
+    yield
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamer's CUDA calls as no-ops: copies on the CPU finish at once, so the test
+    checks its bookkeeping (buffers, views, re-pointing, prefetch), not stream ordering."""
+    compute = FakeStream()
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", _fake_stream_context)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+
+def stream_blocks(model: Any, names: list[str]) -> tuple[GpuStreamer, list[Any]]:
+    blocks = [block_weights(n, model.get_submodule(n)) for n in names]
+    streamer = GpuStreamer(torch.device("cpu"), blocks, prefetch=True)
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: streamer.enter(n)))
+        exit_ = functools.partial(lambda n, m, a, o: streamer.exit(n), name)
+        handles.append(module.register_forward_hook(exit_, always_call=True))
+    return streamer, handles
+
+
+def _inside(tensor: torch.Tensor, buffers: list[torch.Tensor]) -> bool:
+    ptr = tensor.data_ptr()
+    return any(b.data_ptr() <= ptr < b.data_ptr() + b.numel() for b in buffers)
+
+
+@torch.no_grad()
+def test_streamer_runs_blocks_from_its_buffers_and_points_back(
+    fake_cuda: None, disk_llama: tuple[Any, Any, Path]
+) -> None:
+    model, _, _ = disk_llama
+    plain = build_tiny("llama", hidden_size=128, intermediate_size=512)
+    names = ["model.layers.1", "model.layers.2", "model.layers.3"]  # disk, cpu, disk
+    host = {n: model.get_submodule(n).mlp.up_proj.weight.data_ptr() for n in names}
+    streamer, _ = stream_blocks(model, names)
+    seen: dict[str, bool] = {}
+    for name in names:
+        proj = model.get_submodule(name).mlp.up_proj
+        proj.register_forward_pre_hook(
+            lambda m, a, n=name: seen.__setitem__(n, _inside(m.weight, streamer._buffers))
+        )
+    batch = batch_for("llama")
+    assert torch.equal(model(**batch).logits, plain(**batch).logits)
+    assert seen == dict.fromkeys(names, True)  # each block computed from a device buffer
+    for name in names:  # and afterwards its weights are the storage again
+        assert model.get_submodule(name).mlp.up_proj.weight.data_ptr() == host[name]
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    assert torch.equal(model.generate(**batch, **greedy), plain.generate(**batch, **greedy))
+    streamer.close()
+
+
+@torch.no_grad()
+def test_streamer_prefetches_the_next_block_and_keeps_what_fits(
+    fake_cuda: None, disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _, _ = disk_llama
+    copies: list[str] = []
+    copy_in = GpuStreamer._copy_in
+    monkeypatch.setattr(
+        GpuStreamer, "_copy_in", lambda self, n, s: (copies.append(n), copy_in(self, n, s))[1]
+    )
+    streamer, _ = stream_blocks(model, ["model.layers.1", "model.layers.3"])
+    batch = batch_for("llama")
+    streamer.begin()
+    model(**batch)
+    assert copies == ["model.layers.1", "model.layers.3"]  # layer 3 staged while 1 ran
+    for _ in range(3):
+        streamer.begin()
+        model(**batch)
+    assert copies == ["model.layers.1", "model.layers.3"]  # two blocks, two buffers: no copy
+    streamer.close()
+
+
+def test_streamer_re_entry_and_nesting(fake_cuda: None, disk_llama: tuple[Any, Any, Path]) -> None:
+    model, _, _ = disk_llama
+    names = ["model.layers.0", "model.layers.1", "model.layers.2"]
+    weight = {n: model.get_submodule(n).mlp.up_proj.weight for n in names}
+    host = {n: w.data_ptr() for n, w in weight.items()}
+    blocks = [block_weights(n, model.get_submodule(n)) for n in names]
+    streamer = GpuStreamer(torch.device("cpu"), blocks, prefetch=False)
+    streamer.enter(names[0])
+    streamer.enter(names[0])  # re-entered while running
+    streamer.exit(names[0])
+    assert _inside(weight[names[0]], streamer._buffers)  # still running: still on the buffer
+    streamer.exit(names[0])
+    assert weight[names[0]].data_ptr() == host[names[0]]
+    streamer.enter(names[0])
+    streamer.enter(names[1])  # nested: both buffers busy
+    with pytest.raises(OffloadError, match="cannot nest"):
+        streamer.enter(names[2])
+    streamer.exit(names[1])
+    streamer.exit(names[0])
+    streamer.close()
+    assert all(weight[n].data_ptr() == host[n] for n in names)

@@ -222,12 +222,13 @@ class GpuStreamer:
     SLOTS = 2  # double buffer: one block runs, the next arrives
 
     def __init__(self, device: torch.device, blocks: Sequence[BlockWeights], *, prefetch: bool):
-        assert device.type == "cuda" and blocks, "GpuStreamer streams blocks into one CUDA device"
+        assert blocks, "GpuStreamer needs at least one block"
         self.device = device
         self.prefetch = prefetch
         self._blocks = {b.name: b for b in blocks}
         capacity = max(b.nbytes for b in blocks)  # bytes: the largest block fits one slot
-        self._arena = torch.empty((self.SLOTS, capacity), dtype=torch.uint8, pin_memory=True)
+        pinned = device.type == "cuda"  # (tests run the same logic on the CPU with fake events)
+        self._arena = torch.empty((self.SLOTS, capacity), dtype=torch.uint8, pin_memory=pinned)
         self._buffers = [
             torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(self.SLOTS)
         ]
@@ -277,6 +278,9 @@ class GpuStreamer:
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+        # copies still queued on the side stream write into the buffers: order the compute
+        # stream after them (on the device, not the host) before the allocator reuses them
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for slot, name in enumerate(self._holder):
             if name is not None and self._active[slot]:
                 self._point(name, self._blocks[name].host)
