@@ -6,19 +6,34 @@ checkpoint: logits bit for bit (same inputs, float32 and bfloat16) and greedy to
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import devicemap
 from devicemap import load as load_module
 from devicemap.checkpoint import read_index
-from devicemap.devices import parse_device
-from devicemap.load import place
+from devicemap.devices import format_size, parse_device
+from devicemap.errors import (
+    CorruptCheckpoint,
+    DeviceOutOfMemory,
+    KeyMismatch,
+    OffloadError,
+    PlanMismatch,
+)
+from devicemap.load import load, place
 from devicemap.plan import DeviceUsage, Plan, PlanOptions
 from devicemap.skeleton import Skeleton, build_skeleton
-from tiny import CAUSAL, model_class
+from tiny import CAUSAL, make_tiny, model_class
 
 # --- helpers ---------------------------------------------------------------------
 
@@ -251,3 +266,367 @@ def test_progress_bar_reports_bytes_and_speed_per_device_on_stderr(
         progress=False,
     )
     assert capsys.readouterr().err == ""
+
+
+# --- the public entry: load(path, ...) plans, loads, dispatches ---------------------------
+
+
+@pytest.mark.parametrize("arch", sorted((*CAUSAL, "t5", "llava")))
+def test_load_with_a_budget_matches_from_pretrained(
+    tiny_models: dict[str, Path], arch: str
+) -> None:
+    path = tiny_models[arch]
+    model = load(path, max_memory={"cpu": "1GiB"}, progress=False)
+    assert set(model.devicemap_plan.device_map.values()) == {"cpu"}
+    assert torch.equal(logits(model, arch), logits(reference(path, arch), arch))
+
+
+def test_budget_that_holds_half_the_layers_puts_the_rest_on_disk(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tiny_models["llama"]
+    options: dict[str, Any] = {"context": 64, "offload_exec": "cpu"}
+    roomy = devicemap.plan(path, max_memory={"cpu": "1GiB", "disk": "1GiB"}, **options)
+    layer = next(b.nbytes for b in build_skeleton(path).blocks if b.name == "model.layers.0")
+    budget = roomy.usage("cpu").used - 2 * layer  # bytes: two of the four layers do not fit
+    model = load(
+        path,
+        max_memory={"cpu": budget, "disk": "1GiB"},
+        offload_dir=tmp_path,
+        progress=False,
+        **options,
+    )
+    placed = model.devicemap_plan.device_map
+    on_disk = [k for k, v in placed.items() if k.startswith("model.layers.") and v == "disk"]
+    assert len(on_disk) >= 2 and "cpu" in placed.values()
+    assert torch.equal(logits(model, "llama"), logits(reference(path, "llama"), "llama"))
+
+
+def test_pins_alternate_blocks_and_put_lm_head_on_disk(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tiny_models["phi3"]
+    pins = {"model.layers.1": "disk", "model.layers.3": "disk", "lm_head": "disk"}
+    model = load(
+        path,
+        max_memory={"cpu": "1GiB", "disk": "1GiB"},
+        pins=pins,
+        context=64,
+        offload_exec="cpu",
+        offload_dir=tmp_path,
+        progress=False,
+    )
+    placed = model.devicemap_plan.device_map
+    assert [placed[f"model.layers.{i}"] for i in range(4)] == ["cpu", "disk", "cpu", "disk"]
+    assert placed["lm_head"] == "disk"
+    spans = mapped_files()
+    assert backing_file(model.lm_head.weight, spans) in {str(f) for f in path.glob("*.safetensors")}
+    assert torch.equal(logits(model, "phi3"), logits(reference(path, "phi3"), "phi3"))
+
+
+def test_bf16_plan_of_fp32_checkpoint_matches_from_pretrained_bf16(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tiny_models["llama"]
+    pins = {"model.layers.0": "disk", "model.layers.2": "disk"}
+    model = load(
+        path,
+        dtype=torch.bfloat16,
+        max_memory={"cpu": "1GiB", "disk": "1GiB"},
+        pins=pins,
+        context=64,
+        offload_exec="cpu",
+        offload_dir=tmp_path,
+        progress=False,
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    expected = reference(path, "llama", torch.bfloat16)
+    assert torch.equal(logits(model, "llama"), logits(expected, "llama"))
+    ids = inputs("llama")["input_ids"]
+    ours = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, expected.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_saved_plan_loads_the_same_model(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    path = tiny_models["gpt2"]
+    plan = devicemap.plan(
+        path,
+        max_memory={"cpu": "1GiB", "disk": "1GiB"},
+        pins={"transformer.h.2": "disk"},
+        context=64,
+        offload_exec="cpu",
+    )
+    plan.save(tmp_path / "plan.json")
+    model = load(path, Plan.load(tmp_path / "plan.json"), offload_dir=tmp_path, progress=False)
+    assert model.devicemap_plan.device_map["transformer.h.2"] == "disk"
+    assert torch.equal(logits(model, "gpt2"), logits(reference(path, "gpt2"), "gpt2"))
+
+
+def test_checkpoint_without_base_model_prefix_loads(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_models["llama"]
+    target = tmp_path / "bare"
+    target.mkdir()
+    shutil.copy(source / "config.json", target)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in source.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    bare = {
+        k.removeprefix("model."): v for k, v in tensors.items()
+    }  # "layers.0...", "lm_head.weight"
+    save_file(bare, target / "model.safetensors", metadata={"format": "pt"})
+    model = load(target, max_memory={"cpu": "1GiB"}, progress=False)
+    assert torch.equal(logits(model, "llama"), logits(reference(source, "llama"), "llama"))
+
+
+# --- bad input: a typed error naming the thing and the fix; nothing left half-done ----------
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_plan_for_another_model_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    llama_plan = devicemap.plan(tiny_models["llama"], max_memory={"cpu": "1GiB"})
+    llama_plan.save(tmp_path / "llama.json")
+    with pytest.raises(PlanMismatch, match="make a new plan"):
+        load(tiny_models["mistral"], Plan.load(tmp_path / "llama.json"), progress=False)
+
+
+def test_plan_naming_modules_the_model_lacks_is_refused(tiny_models: dict[str, Path]) -> None:
+    skeleton = build_skeleton(tiny_models["llama"])
+    mapping = every_block(skeleton, "cpu")
+    mapping["model.layers.7"] = "cpu"  # a bigger llama's plan
+    with pytest.raises(PlanMismatch, match=r"model\.layers\.7"):
+        place(skeleton, hand_plan(skeleton, mapping), read_index(skeleton.source), progress=False)
+    del mapping["model.layers.7"], mapping["lm_head"]
+    with pytest.raises(PlanMismatch, match=r"lm_head\.weight"):
+        place(skeleton, hand_plan(skeleton, mapping), read_index(skeleton.source), progress=False)
+
+
+def test_missing_unexpected_and_misshapen_tensors_are_reported_together(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = copy_checkpoint(tiny_models["llama"], tmp_path / "broken")
+    shards = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        shards[shard] = load_file(shard)
+    owner = {k: shard for shard, ts in shards.items() for k in ts}
+    gone = ["model.layers.2.mlp.up_proj.weight", "model.norm.weight"]
+    for key in gone:
+        del shards[owner[key]][key]
+    wide = "model.layers.1.self_attn.o_proj.weight"
+    shards[owner[wide]][wide] = torch.zeros(64, 65)
+    first = next(iter(shards))
+    shards[first]["model.layers.9.extra.weight"] = torch.zeros(3)
+    for shard, ts in shards.items():
+        save_file(ts, shard, metadata={"format": "pt"})
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    for key in gone:
+        del index["weight_map"][key]
+    index["weight_map"]["model.layers.9.extra.weight"] = first.name
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    with pytest.raises(KeyMismatch) as caught:
+        load(path, max_memory={"cpu": "1GiB"}, progress=False)
+    message = str(caught.value)
+    for key in [*gone, "model.layers.9.extra.weight"]:
+        assert key in message
+    assert f"{wide}: model [64, 64] vs checkpoint [64, 65]" in message
+    assert "Fix:" in message
+
+
+def test_unexpected_keys_transformers_ignores_are_no_error(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = copy_checkpoint(tiny_models["llama"], tmp_path / "old")
+    shard = sorted(path.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old checkpoints
+    save_file(tensors, shard, metadata={"format": "pt"})
+    model = load(path, max_memory={"cpu": "1GiB"}, progress=False)
+    assert torch.equal(
+        logits(model, "llama"), logits(reference(tiny_models["llama"], "llama"), "llama")
+    )
+
+
+def test_truncated_shard_fails_before_reading_any_tensor(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = copy_checkpoint(tiny_models["llama"], tmp_path / "cut")
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+
+    def no_reads(info: Any) -> Any:
+        raise AssertionError(f"read {info.name} from a truncated checkpoint")
+
+    monkeypatch.setattr(load_module, "_fetch", no_reads)
+    with pytest.raises(CorruptCheckpoint, match=shard.name):
+        load(path, max_memory={"cpu": "1GiB"}, progress=False)
+
+
+def test_unwritable_offload_dir_names_the_directory(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    skeleton = build_skeleton(tiny_models["mixtral"])  # fused experts on disk need the cache
+    plan = hand_plan(skeleton, every_block(skeleton, "disk"))
+    with pytest.raises(OffloadError) as caught:
+        place(
+            skeleton,
+            plan,
+            read_index(skeleton.source),
+            offload_dir=blocker / "cache",
+            progress=False,
+        )
+    assert str(blocker / "cache") in str(caught.value) and "offload_dir" in str(caught.value)
+    assert all(p.is_meta for p in skeleton.model.parameters()), "a failed load keeps nothing"
+
+
+def test_full_disk_leaves_no_cache_and_the_next_load_writes_a_whole_one(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tiny_models["qwen2_moe"]
+    written = []
+
+    def full(f: Any, data: memoryview) -> None:
+        if written:  # the second tensor finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(len(data))
+        f.write(data)
+
+    monkeypatch.setattr(load_module, "_write_bytes", full)
+    with pytest.raises(OffloadError) as caught:
+        hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
+    assert str(tmp_path) in str(caught.value) and "It needs " in str(caught.value)
+    assert list(tmp_path.iterdir()) == [], "the half-written temp file must be removed"
+
+    monkeypatch.undo()
+    model = hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
+    (cache,) = tmp_path.iterdir()
+    assert torch.equal(
+        logits(model, "qwen2_moe"), logits(reference(path, "qwen2_moe"), "qwen2_moe")
+    )
+
+    with open(cache, "r+b") as f:  # a cache cut short (a crash, a full disk) is never reused
+        f.truncate(cache.stat().st_size - 64)
+    model = hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
+    assert torch.equal(
+        logits(model, "qwen2_moe"), logits(reference(path, "qwen2_moe"), "qwen2_moe")
+    )
+
+
+def test_default_offload_dir_is_under_devicemap_cache(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEVICEMAP_CACHE", str(tmp_path))
+    hand_load(tiny_models["llama"], lambda s: every_block(s, "disk"), dtype=torch.bfloat16)
+    (cache,) = (tmp_path / "offload").iterdir()
+    assert cache.suffix == ".safetensors"
+
+
+def test_device_out_of_memory_names_device_sizes_and_a_plan_and_frees_everything(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    skeleton = build_skeleton(tiny_models["llama"])
+    mapping = every_block(skeleton, "cpu")
+    for name in ("model.layers.2", "model.layers.3", "model.norm", "lm_head"):
+        mapping[name] = 0  # cuda:0, which this test pretends is full
+    copy = load_module._copy
+
+    def fake_gpu(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 144.00 KiB")
+        return copy(tensor, device, dtype)
+
+    monkeypatch.setattr(load_module, "_copy", fake_gpu)
+    plan = hand_plan(skeleton, mapping)
+    with pytest.raises(DeviceOutOfMemory) as caught:
+        place(skeleton, plan, read_index(skeleton.source), progress=False)
+    message = str(caught.value)
+    needed = sum(b.nbytes for b in skeleton.blocks if mapping[b.name] == 0)  # bytes
+    assert "cuda:0 ran out of memory while loading model.layers.2." in message
+    assert f"the plan puts {format_size(needed)} of weights there" in message
+    assert "max_memory=" in message and "'cuda:0'" in message
+    assert all(p.is_meta for p in skeleton.model.parameters()), "a failed load keeps nothing"
+
+
+# --- memory: peak RSS while loading, measured in a fresh process -----------------------------
+
+_RSS_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch
+    from pathlib import Path
+    import devicemap
+    from devicemap.load import load
+    from devicemap.skeleton import build_skeleton
+
+    path, where, offload = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    skeleton = build_skeleton(path)  # imports and model classes warm before measuring
+    pins = {b.name: where for b in skeleton.blocks if b.nbytes > 1024}
+    plan = devicemap.plan(skeleton, max_memory={"cpu": "8GiB", "disk": "8GiB"}, pins=pins,
+                          context=64, offload_exec="cpu")
+
+    def status(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # bytes
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
+    before = status("VmRSS")
+    model = load(skeleton, plan, offload_dir=offload, progress=False)
+    nbytes = sum(p.nbytes for p in model.parameters())
+    print(json.dumps({"before": before, "peak": status("VmHWM"), "model": nbytes}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def mid_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 121 MB float32 llama (hidden 512, 8 layers) in 50 MB shards."""
+    return make_tiny(
+        "llama",
+        tmp_path_factory.mktemp("mid") / "llama",
+        shard_size="50MB",
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
+
+
+def peak_growth(path: Path, where: str, offload: Path) -> tuple[int, int]:
+    """(peak RSS growth during load, model bytes), from a fresh interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(path), where, str(offload)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+    return numbers["peak"] - numbers["before"], numbers["model"]
+
+
+def test_loading_to_disk_barely_grows_rss(mid_llama: Path, tmp_path: Path) -> None:
+    growth, model = peak_growth(mid_llama, "disk", tmp_path)
+    assert model > 100e6
+    assert growth < 0.2 * model, (
+        f"peak RSS grew {growth / 1e6:.0f} MB for a {model / 1e6:.0f} MB model"
+    )
+
+
+def test_loading_to_cpu_grows_rss_by_the_model_not_twice(mid_llama: Path, tmp_path: Path) -> None:
+    growth, model = peak_growth(mid_llama, "cpu", tmp_path)
+    assert 0.9 * model < growth < 1.3 * model, (
+        f"peak RSS grew {growth / 1e6:.0f} MB for a {model / 1e6:.0f} MB model"
+    )

@@ -418,6 +418,7 @@ def _write(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        checkpoint.close_mmaps()  # a map cached for an older file at `path` must not be reused
         with contextlib.suppress(OSError):  # make the rename durable where the OS allows
             fd = os.open(directory, os.O_RDONLY)
             os.fsync(fd)
