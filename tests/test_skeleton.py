@@ -323,3 +323,13 @@ def test_user_no_split_classes(tiny_models: dict[str, Path]) -> None:
     flags = {b.name: b.no_split for b in skel.blocks}
     assert flags["model.norm"] and flags["model.layers.0"]  # MLPs stay inside their layers
     assert not flags["lm_head"] and len(flags) == 8
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "llava"])
+def test_trace_leaves_the_model_untouched(arch: str, skeleton_of: Any) -> None:
+    """The order trace runs on a scratch copy: no hooks, no eager experts left behind."""
+    skel = skeleton_of(arch)
+    fresh = real_tiny(arch, torch.float32)
+    assert skel.model.get_experts_implementation() == fresh.get_experts_implementation()
+    for module in skel.model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks

@@ -10,6 +10,7 @@ blocks run in. Sizes, ties and the per-token memory model come from the same bui
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -83,7 +84,8 @@ def build_skeleton(
     module = build_on_meta(cls, config, plan_dtype)
     units = set(getattr(module, "_no_split_modules", None) or ()) | set(no_split)
     parts = find_parts(module, units)
-    parts, order = order_parts(parts, lambda: build_on_meta(cls, config, plan_dtype), units, config)
+    scratch = lambda: build_on_meta(cls, copy.deepcopy(config), plan_dtype)  # noqa: E731
+    parts, order = order_parts(parts, scratch, units, config)
     materialize_buffers(module)
     blocks = make_blocks(module, parts, config, plan_dtype)
     vocab = getattr(config.get_text_config(decoder=True), "vocab_size", None) or 0
@@ -395,8 +397,9 @@ def order_parts(
 ) -> tuple[list[_Part], Literal["forward", "registration"]]:
     """Parts in the order a forward on meta tensors first calls them; uncalled ones last.
 
-    The forward runs on a scratch build (`build()`), since a forward may install hooks
-    (transformers' output capturing) that must not stay on the skeleton's model. It first
+    The forward runs on a scratch build (`build()`, with its own config): a forward may
+    install hooks (transformers' output capturing) and the trace sets eager MoE experts,
+    neither of which may stay on the skeleton's model. It first
     runs with each stack of no-split units cut to its first two (meta ops run in Python:
     80 full layers cost ~0.3 s), then whole; if both fail on meta, registration order.
     """
