@@ -815,7 +815,7 @@ def _reasons(
     lines = [_device_line(lay, usage, stored) for usage in devices]
     for pos, device, why in fill.moves:
         unit = lay.units[lay.free[pos]]
-        name = ", ".join(_compress([blocks[i].name for i in unit.blocks]))
+        name = ", ".join(compress_names([blocks[i].name for i in unit.blocks]))
         if why == "share":
             lines.append(f"{device} reached its {lay.options.strategy} share before {name}")
         else:
@@ -834,7 +834,7 @@ def _reasons(
 
 def _device_line(lay: _Layout, usage: DeviceUsage, stored: list[Device]) -> str:
     names = [b.name for b, d in zip(lay.skeleton.blocks, stored, strict=True) if d == usage.device]
-    held = ", ".join(_compress(names)) if names else "no blocks"
+    held = ", ".join(compress_names(names)) if names else "no blocks"
     parts = [f"{usage.device}: {held} ({format_size(usage.weights)} weights)"]
     if usage.kv_cache:
         layers = sum(
@@ -864,7 +864,7 @@ def _remote_lines(lay: _Layout, stored: list[Device]) -> list[str]:
         if names:
             how = "streamed in" if lay.host.is_gpu else "read in place"
             lines.append(
-                f"{', '.join(_compress(names))} stored on {device} execute on {lay.host}"
+                f"{', '.join(compress_names(names))} stored on {device} execute on {lay.host}"
                 f" ({how}); their KV cache and workspace are counted on {lay.host}"
             )
     return lines
@@ -877,14 +877,16 @@ def _pin_lines(lay: _Layout, stored: list[Device]) -> list[str]:
             b.name for b, d in zip(lay.skeleton.blocks, stored, strict=True)
             if _pin_covers(prefix, b) and d == device
         ]  # fmt: skip
-        lines.append(f"pin {prefix} -> {device}: {', '.join(_compress(names)) or 'overridden'}")
+        lines.append(
+            f"pin {prefix} -> {device}: {', '.join(compress_names(names)) or 'overridden'}"
+        )
     return lines
 
 
 _NUMBERED = re.compile(r"^(.*\.)(\d+)$")
 
 
-def _compress(names: Sequence[str]) -> list[str]:
+def compress_names(names: Sequence[str]) -> list[str]:
     """["model.layers.0", "model.layers.1", "lm_head"] -> ["model.layers.0-1", "lm_head"]."""
     out: list[str] = []
     run: tuple[str, int, int] | None = None  # (stem, first, last)
@@ -929,7 +931,7 @@ def _does_not_fit(lay: _Layout, fill: _Fill) -> DoesNotFit:
         )
     elif fill.failed is not None:
         unit = lay.units[lay.free[fill.failed]]
-        name = ", ".join(_compress([sk.blocks[i].name for i in unit.blocks]))
+        name = ", ".join(compress_names([sk.blocks[i].name for i in unit.blocks]))
         short = unit.weights
         what = (
             f"the budgets total {format_size(have)} ({budgets}), but {name}"
@@ -1000,8 +1002,10 @@ def _memory_suggestions(lay: _Layout) -> list[str]:
         _ceil_gib(base), _ceil_gib(top), lambda n: _fits(sk, {**budgets, CPU: n * _GIB}, opts)
     )
     if gib is not None:
-        verb = "raise the cpu budget" if CPU in budgets else "add a cpu budget"
-        found.append(f"{verb} to {gib}GiB (--max-memory cpu={gib}GiB)")
+        flag = f"--max-memory cpu={gib}GiB"
+        found.append(
+            f"raise the cpu budget to {gib}GiB ({flag})" if CPU in budgets else f"add {flag}"
+        )
     return found
 
 

@@ -1,0 +1,147 @@
+"""`devicemap plan` through typer's CliRunner: tables, --json, --save, --explain, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from devicemap.cli import app, parse_gpus, short_size, usage_bar
+from devicemap.plan import Plan
+
+LLAMA_70B = str(Path(__file__).parent / "data" / "configs" / "llama-3-70b")
+WHAT_IF = ["--max-memory", "0=40GiB", "--max-memory", "1=40GiB", "--max-memory", "cpu=64GiB"]
+DONE_WHEN = ["plan", LLAMA_70B, *WHAT_IF, "--context", "8192"]
+DEVICE_KEYS = {"device", "budget", "weights", "kv_cache", "workspace", "free"}
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str):
+    return runner.invoke(app, list(args), env={"COLUMNS": "120"})
+
+
+def test_help_lists_the_plan_command(runner):
+    result = invoke(runner, "--help")
+    assert result.exit_code == 0 and "plan" in result.stdout
+    result = invoke(runner, "plan", "--help")
+    for option in ("--max-memory", "--gpus", "--context", "--batch", "--dtype", "--strategy"):
+        assert option in result.stdout
+    for option in ("--pin", "--save", "--json", "--explain", "--offload-exec"):
+        assert option in result.stdout
+
+
+def test_done_when_what_if_plan_prints_tables_within_budget(runner):
+    result = invoke(runner, *DONE_WHEN)
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "context 8192 x batch 1" in out
+    rows: dict[str, list[str]] = {}
+    for line in out.splitlines():  # the first row naming a device is its memory row
+        if line.strip():
+            rows.setdefault(line.split()[0], line.split())
+    for device in ("cuda:0", "cuda:1", "cpu"):
+        assert device in rows
+    assert rows["cuda:0"][1] == "40G" and rows["cpu"][1] == "64G"
+    assert rows["cuda:0"][3] != "0" and rows["cuda:1"][3] != "0"  # KV on both GPUs
+    assert "model.layers." in out and "lm_head" in out and "█" in out
+
+
+def test_done_when_json_has_the_required_keys_and_loads_back(runner, tmp_path):
+    result = invoke(runner, *DONE_WHEN, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)  # stdout holds only the JSON object
+    assert {"device_map", "devices", "max_context"} <= set(data)
+    assert [d["device"] for d in data["devices"]] == ["cuda:0", "cuda:1", "cpu"]
+    for entry in data["devices"]:
+        assert set(entry) >= DEVICE_KEYS
+        assert entry["weights"] + entry["kv_cache"] + entry["workspace"] <= entry["budget"]
+        assert entry["used"] <= entry["budget"] and entry["free"] >= 0
+    assert data["devices"][0]["kv_cache"] > 0 and data["devices"][1]["kv_cache"] > 0
+    assert data["max_context"] >= 8192
+    assert len(data["device_map"]) == 84  # embed, rotary, 80 layers, norm, lm_head
+    path = tmp_path / "printed.json"
+    path.write_text(result.stdout)
+    loaded = Plan.load(path)
+    assert loaded.device_map == data["device_map"]
+    assert loaded.to_json() == data
+
+
+def test_save_writes_a_plan_that_loads(runner, tmp_path):
+    path = tmp_path / "plan.json"
+    result = invoke(runner, *DONE_WHEN, "--save", str(path), "--strategy", "sequential")
+    assert result.exit_code == 0, result.stderr
+    assert f"plan saved to {path}" in result.stderr
+    loaded = Plan.load(path)
+    assert loaded.options.strategy == "sequential" and loaded.options.context == 8192
+    assert loaded.usage(0).kv_cache > 0
+
+
+def test_explain_and_pins(runner):
+    result = invoke(
+        runner, *DONE_WHEN, "--explain", "--pin", "lm_head=1", "--pin", "model.norm=cuda:1"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "pin lm_head -> cuda:1: lm_head" in result.stdout
+    assert "did not fit in what cuda:0 had left" in result.stdout
+    data = json.loads(invoke(runner, *DONE_WHEN, "--json", "--pin", "lm_head=1").stdout)
+    assert data["device_map"]["lm_head"] == 1
+
+
+def test_tiny_model_on_cpu_only(runner, tiny_models):
+    result = invoke(runner, "plan", str(tiny_models["qwen2"]), "-m", "cpu=1GiB", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data["device_map"].values()) == {"cpu"}
+    assert set(data["exec_map"].values()) == {"cpu"}
+    assert data["options"]["context"] == 512  # the tiny model's max positions
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "40GiB"], "--max-memory '40GiB': write KEY=VALUE"),
+        (["-m", "0=4OGiB"], "unknown unit 'OGiB'"),
+        (["-m", "0=1GiB", "-m", "0=2GiB"], "gives device '0' twice"),
+        (["-m", "0=1GiB", "-m", "cuda:0=2GiB"], "are both cuda:0"),
+        (["-m", "tpu=1GiB"], "unknown device 'tpu'"),
+        (["-m", "0=40GiB", "--pin", "lm_haed=0", "--pin", "model.layer=0"], "'lm_head'"),
+        (["-m", "0=40GiB", "--pin", "lm_head"], "--pin 'lm_head': write KEY=VALUE"),
+        (["-m", "0=40GiB", "--pin", "lm_head=0", "--pin", "lm_head=1"], "more than once"),
+        (["-m", "0=40GiB", "--pin", "lm_head=cpu"], "cpu has no budget"),
+        (["-m", "0=40GiB", "-m", "cpu=64GiB"], "short. To make it fit: add --max-memory disk="),
+        (["-m", "0=40GiB", "--strategy", "fast"], "unknown strategy 'fast'"),
+        (["-m", "0=40GiB", "--context", "100000"], "longer than"),
+        (["-m", "0=40GiB", "--dtype", "float7"], "unknown dtype 'float7'"),
+        (["--gpus", "9"], "asks for more GPUs than this machine has"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_and_exit_1(runner, args, message):
+    result = invoke(runner, "plan", LLAMA_70B, *args)
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_missing_model_is_a_clear_error(runner, tmp_path):
+    result = invoke(runner, "plan", str(tmp_path / "nope"), "-m", "cpu=1GiB")
+    assert result.exit_code == 1 and "nope" in result.stderr and "Traceback" not in result.output
+
+
+def test_helpers():
+    assert parse_gpus(None) is None and parse_gpus("2") == 2 and parse_gpus("0, 1") == ["0", "1"]
+    assert [short_size(n) for n in (0, 12, 1536, 40 * 2**30, 736 * 2**20)] == [
+        "0",
+        "12B",
+        "1.5K",
+        "40G",
+        "736M",
+    ]
+    assert usage_bar(1, 2, width=4) == "██░░  50%"
+    assert usage_bar(0, 0, width=2) == "░░   0%"
