@@ -466,10 +466,10 @@ def test_truncated_shard_fails_before_reading_any_tensor(
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 100)
 
-    def no_reads(info: Any) -> Any:
+    def no_reads(info: Any, out: Any) -> Any:
         raise AssertionError(f"read {info.name} from a truncated checkpoint")
 
-    monkeypatch.setattr(load_module, "_fetch", no_reads)
+    monkeypatch.setattr(load_module, "_pread", no_reads)
     with pytest.raises(CorruptCheckpoint, match=shard.name):
         load(path, max_memory={"cpu": "1GiB"}, progress=False)
 
@@ -571,8 +571,8 @@ _RSS_CHILD = textwrap.dedent(
     from devicemap.load import load
     from devicemap.skeleton import build_skeleton
 
-    path, where, offload = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    skeleton = build_skeleton(path)  # imports and model classes warm before measuring
+    path, where, offload, dtype = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    skeleton = build_skeleton(path, dtype=dtype)  # imports warm before measuring
     pins = {b.name: where for b in skeleton.blocks if b.nbytes > 1024}
     plan = devicemap.plan(skeleton, max_memory={"cpu": "8GiB", "disk": "8GiB"}, pins=pins,
                           context=64, offload_exec="cpu")
@@ -605,10 +605,10 @@ def mid_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def peak_growth(path: Path, where: str, offload: Path) -> tuple[int, int]:
+def peak_growth(path: Path, where: str, offload: Path, dtype: str) -> tuple[int, int]:
     """(peak RSS growth during load, model bytes), from a fresh interpreter."""
     done = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD, str(path), where, str(offload)],
+        [sys.executable, "-c", _RSS_CHILD, str(path), where, str(offload), dtype],
         capture_output=True,
         text=True,
         check=True,
@@ -618,15 +618,18 @@ def peak_growth(path: Path, where: str, offload: Path) -> tuple[int, int]:
 
 
 def test_loading_to_disk_barely_grows_rss(mid_llama: Path, tmp_path: Path) -> None:
-    growth, model = peak_growth(mid_llama, "disk", tmp_path)
+    growth, model = peak_growth(mid_llama, "disk", tmp_path, "float32")
     assert model > 100e6
     assert growth < 0.2 * model, (
         f"peak RSS grew {growth / 1e6:.0f} MB for a {model / 1e6:.0f} MB model"
     )
 
 
-def test_loading_to_cpu_grows_rss_by_the_model_not_twice(mid_llama: Path, tmp_path: Path) -> None:
-    growth, model = peak_growth(mid_llama, "cpu", tmp_path)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: converted on the way
+def test_loading_to_cpu_grows_rss_by_the_model_not_twice(
+    mid_llama: Path, tmp_path: Path, dtype: str
+) -> None:
+    growth, model = peak_growth(mid_llama, "cpu", tmp_path, dtype)
     assert 0.9 * model < growth < 1.3 * model, (
         f"peak RSS grew {growth / 1e6:.0f} MB for a {model / 1e6:.0f} MB model"
     )

@@ -165,6 +165,7 @@ class _Job:
     keys: KeyMap
     where: dict[str, _Where]
     loaded: dict[Device, int] = field(default_factory=dict)  # bytes placed per storage device
+    reader: _Reader = field(default_factory=lambda: _Reader())
     before: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -225,10 +226,16 @@ def _place_recipe(
         meter.advance(DISK, view.nbytes)
     if not rest:
         return
-    made = run_recipe(recipe, job.model, _fetch)
+    info, storage = recipe.inputs[0], job.where[rest[0]].storage
+    if recipe.is_copy and storage == CPU and info.dtype == job.dtype(rest[0]) and info.offset >= 0:
+        made = {rest[0]: _fresh(info)}  # read straight into the tensor it will stay
+    else:
+        made = job.reader.run(recipe, job.model)
     for key in rest:
         storage = job.where[key].storage
         tensor = _to(made.pop(key), storage, job.dtype(key), job, key)
+        if job.reader.owns(tensor):  # a conversion that returned its input as is
+            tensor = tensor.clone()
         job.set(key, tensor)
         meter.advance(storage, tensor.nbytes)
 
@@ -242,11 +249,14 @@ def _zero_copy(job: _Job, recipe: Recipe, key: str) -> bool:
 # --- reading ---------------------------------------------------------------------
 
 
-def _fetch(info: TensorInfo) -> torch.Tensor:
-    """The tensor in fresh CPU memory, read from the file into it (no mmap pages stay mapped)."""
-    if info.offset < 0 or info.nbytes == 0:  # pickled .bin: torch's own mmap
-        return checkpoint.read_tensor(info)
+def _fresh(info: TensorInfo) -> torch.Tensor:
     out = torch.empty(info.shape, dtype=info.dtype)
+    _pread(info, out)
+    return out
+
+
+def _pread(info: TensorInfo, out: torch.Tensor) -> None:
+    """Fill `out` with the tensor's bytes, read from the file (no mmap pages stay mapped)."""
     buffer = out.reshape(-1).view(torch.uint8).numpy().data  # [nbytes] u8, same memory
     with open(info.file, "rb", buffering=0) as f:
         done = 0
@@ -258,7 +268,49 @@ def _fetch(info: TensorInfo) -> torch.Tensor:
                     " changed after it was indexed. Re-download the checkpoint and try again."
                 )
             done += n
-    return out
+
+
+class _Reader:
+    """Reads a recipe's inputs into one scratch buffer reused from recipe to recipe.
+
+    Inputs that are converted (another dtype, fused experts) are temporaries; reusing one
+    buffer keeps RAM at the placed weights plus one recipe's inputs, instead of a trail of
+    freed temporaries that the allocator keeps mapped.
+    """
+
+    def __init__(self) -> None:
+        self.scratch = torch.empty(0, dtype=torch.uint8)
+
+    def run(self, recipe: Recipe, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        slots = self._stage(recipe.inputs)
+
+        def read(info: TensorInfo) -> torch.Tensor:
+            if info.offset < 0:  # pickled .bin: torch's own mmap, copied
+                return checkpoint.read_tensor(info)
+            _pread(info, slots[info.name])
+            return slots[info.name]
+
+        return run_recipe(recipe, model, read)
+
+    def _stage(self, infos: tuple[TensorInfo, ...]) -> dict[str, torch.Tensor]:
+        starts, size = [], 0  # bytes; every slot 64-byte aligned
+        for info in infos:
+            starts.append(size)
+            size += info.nbytes + (-info.nbytes % _ALIGN)
+        if self.scratch.numel() < size:
+            self.scratch = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self.scratch = torch.empty(size, dtype=torch.uint8)
+        return {
+            info.name: self.scratch[start : start + info.nbytes].view(info.dtype).view(info.shape)
+            for info, start in zip(infos, starts, strict=True)
+        }
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        scratch = self.scratch.untyped_storage()
+        return (
+            tensor.device.type == "cpu"
+            and tensor.untyped_storage().data_ptr() == scratch.data_ptr()
+        )
 
 
 def _to(
@@ -444,7 +496,7 @@ def _write_tensors(job: _Job, f: Any, todo: list[tuple[TensorInfo, Recipe]], met
     last: Recipe | None = None
     for info, recipe in todo:
         if recipe is not last or info.name not in made:  # each recipe runs once for all targets
-            made, last = run_recipe(recipe, job.model, _fetch), recipe
+            made, last = job.reader.run(recipe, job.model), recipe
         tensor = made.pop(info.name).to(info.dtype).contiguous()
         f.seek(info.offset)  # past a pad: the gap reads as zeros
         _write_bytes(f, tensor.reshape(-1).view(torch.uint8).numpy().data)
