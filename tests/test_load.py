@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import devicemap
+from devicemap import convert
 from devicemap import load as load_module
 from devicemap.checkpoint import read_index
 from devicemap.devices import format_size, parse_device
@@ -505,7 +506,7 @@ def test_full_disk_leaves_no_cache_and_the_next_load_writes_a_whole_one(
         written.append(len(data))
         f.write(data)
 
-    monkeypatch.setattr(load_module, "_write_bytes", full)
+    monkeypatch.setattr(convert, "_write_bytes", full)
     with pytest.raises(OffloadError) as caught:
         hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
     assert str(tmp_path) in str(caught.value) and "It needs " in str(caught.value)

@@ -9,12 +9,9 @@ from one converted safetensors cache, written once per (model, dtype, tensors).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
-import shutil
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +25,17 @@ from rich.text import Text
 
 from . import checkpoint
 from .checkpoint import CheckpointIndex, TensorInfo
-from .convert import KeyMap, Recipe, map_checkpoint, raise_on_mismatch, run_recipe
+from .convert import (
+    ALIGN,
+    KeyMap,
+    Recipe,
+    cache_layout,
+    map_checkpoint,
+    raise_on_mismatch,
+    run_recipe,
+)
 from .devices import CPU, DISK, Device, format_size, parse_device
-from .errors import CorruptCheckpoint, DeviceOutOfMemory, LoadError, OffloadError, PlanMismatch
+from .errors import CorruptCheckpoint, DeviceOutOfMemory, LoadError, PlanMismatch
 from .plan import Plan
 from .skeleton import Skeleton, build_skeleton
 
@@ -60,9 +65,7 @@ def load(
         from .plan import plan as make
 
         plan = make(skeleton, **plan_options)
-    check = getattr(plan, "check", None)
-    if check is not None:
-        check(skeleton)
+    plan.check(skeleton)  # PlanMismatch: a plan made for another model or dtype
     index = checkpoint.read_index(skeleton.source)  # CorruptCheckpoint before any allocation
     return place(skeleton, plan, index, offload_dir=offload_dir, progress=progress)
 
@@ -88,6 +91,11 @@ def place(
     On any error every tensor placed so far is put back on meta (nothing stays allocated).
     """
     model = skeleton.model
+    if any(not t.is_meta for t in model.parameters()):
+        raise LoadError(
+            f"the skeleton of {skeleton.source.name} was loaded already; build a new one with"
+            " build_skeleton (or devicemap.release the model first)"
+        )
     if skeleton.dtype != plan.dtype:
         raise PlanMismatch(
             f"the plan for {plan.model} is for {plan.dtype} but the model was built for"
@@ -296,7 +304,7 @@ class _Reader:
         starts, size = [], 0  # bytes; every slot 64-byte aligned
         for info in infos:
             starts.append(size)
-            size += info.nbytes + (-info.nbytes % _ALIGN)
+            size += info.nbytes + (-info.nbytes % ALIGN)
         if self.scratch.numel() < size:
             self.scratch = torch.empty(0, dtype=torch.uint8)  # free the old one first
             self.scratch = torch.empty(size, dtype=torch.uint8)
@@ -360,9 +368,6 @@ def _free_now(device: Device) -> int | None:
 
 # --- the converted disk cache ----------------------------------------------------------
 
-_ALIGN = 64  # bytes: where each cached tensor starts
-_CODES = {dtype: code for code, dtype in checkpoint._DTYPES.items()}  # torch dtype -> "BF16"
-
 
 def _offload_dir(offload_dir: str | os.PathLike[str] | None) -> Path:
     if offload_dir is not None:
@@ -382,13 +387,14 @@ def _offload(
     }
     if not todo:
         return {}
-    header, infos = _layout(job, list(todo), _fingerprint(job, skeleton, todo), directory)
-    path = next(iter(infos.values())).file
-    if _valid(path, header, infos):
-        meter.advance(DISK, sum(i.nbytes for i in infos.values()))
+    specs = [(key, job.dtype(key), tuple(job.like(key).shape)) for key in todo]
+    cache = cache_layout(directory, _fingerprint(job, skeleton, todo), specs)
+    if cache.complete():
+        meter.advance(DISK, sum(i.nbytes for i in cache.tensors.values()))
     else:
-        _write(job, path, header, [(infos[k], todo[k]) for k in todo], meter)
-    return infos
+        cache.write(_converted(job, todo, meter))
+        checkpoint.close_mmaps()  # a map cached for an older file at that path must go
+    return dict(cache.tensors)
 
 
 def _fingerprint(job: _Job, skeleton: Skeleton, todo: Mapping[str, Recipe]) -> str:
@@ -400,111 +406,18 @@ def _fingerprint(job: _Job, skeleton: Skeleton, todo: Mapping[str, Recipe]) -> s
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _layout(
-    job: _Job, order: list[str], fingerprint: str, directory: Path
-) -> tuple[bytes, dict[str, TensorInfo]]:
-    """The safetensors header for `order` and where each tensor will be in the file.
-
-    Every tensor starts on a 64-byte boundary (CPU kernels pick other, differently rounding
-    paths for unaligned weights); the gaps are explicit u8 pad tensors, as safetensors
-    allows no holes.
-    """
-    path = directory / f"{fingerprint[:32]}.safetensors"
-    entries: dict[str, Any] = {"__metadata__": {"format": "pt", "devicemap": fingerprint}}
-    spans, begin = {}, 0
-    for key in order:
-        if pad := -begin % _ALIGN:
-            entries[f"__pad{len(entries)}__"] = {
-                "dtype": "U8",
-                "shape": [pad],
-                "data_offsets": [begin, begin + pad],
-            }
-            begin += pad
-        nbytes = job.nbytes(key)
-        code, shape = _CODES[job.dtype(key)], list(job.like(key).shape)
-        entries[key] = {"dtype": code, "shape": shape, "data_offsets": [begin, begin + nbytes]}
-        spans[key] = (begin, nbytes)
-        begin += nbytes
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-(8 + len(header)) % _ALIGN)  # data starts 64-byte aligned too
-    start = 8 + len(header)
-    infos = {
-        key: TensorInfo(key, path, job.dtype(key), tuple(job.like(key).shape), start + b, n)
-        for key, (b, n) in spans.items()
-    }
-    return header, infos
-
-
-def _valid(path: Path, header: bytes, infos: Mapping[str, TensorInfo]) -> bool:
-    """A finished cache for exactly these tensors: same header (fingerprint inside), full size."""
-    size = max(i.offset + i.nbytes for i in infos.values())  # bytes
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8 + len(header))
-            return (
-                head == struct.pack("<Q", len(header)) + header
-                and os.fstat(f.fileno()).st_size == size
-            )
-    except OSError:
-        return False
-
-
-def _write(
-    job: _Job, path: Path, header: bytes, todo: list[tuple[TensorInfo, Recipe]], meter: _Meter
-) -> None:
-    """Write the cache tensor by tensor to a temp file, fsync, rename: never half-written."""
-    total = max(i.offset + i.nbytes for i, _ in todo)  # bytes of the whole file
-    directory = path.parent
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    free: int | None = None
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(directory).free
-        if free < total:
-            raise OSError(
-                errno.ENOSPC, os.strerror(errno.ENOSPC)
-            )  # ENOSPC, before writing anything
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header)) + header)
-            _write_tensors(job, f, todo, meter)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        checkpoint.close_mmaps()  # a map cached for an older file at `path` must not be reused
-        with contextlib.suppress(OSError):  # make the rename durable where the OS allows
-            fd = os.open(directory, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OffloadError(
-            f"cannot write the offload cache in {directory}: {error.strerror or error}."
-            f" It needs {format_size(total)}"
-            + (f" and {format_size(free)} is free" if free is not None else "")
-            + ". Free space there, or give load(..., offload_dir=...) a writable directory with"
-            f" at least {format_size(total)} free; nothing half-written was kept."
-        ) from error
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _write_tensors(job: _Job, f: Any, todo: list[tuple[TensorInfo, Recipe]], meter: _Meter) -> None:
+def _converted(
+    job: _Job, todo: Mapping[str, Recipe], meter: _Meter
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each cached tensor in turn, made by its recipe (each recipe runs once for its targets)."""
     made: dict[str, torch.Tensor] = {}
     last: Recipe | None = None
-    for info, recipe in todo:
-        if recipe is not last or info.name not in made:  # each recipe runs once for all targets
+    for key, recipe in todo.items():
+        if recipe is not last or key not in made:
             made, last = job.reader.run(recipe, job.model), recipe
-        tensor = made.pop(info.name).to(info.dtype).contiguous()
-        f.seek(info.offset)  # past a pad: the gap reads as zeros
-        _write_bytes(f, tensor.reshape(-1).view(torch.uint8).numpy().data)
+        tensor = made.pop(key).to(job.dtype(key))
+        yield key, tensor
         meter.advance(DISK, tensor.nbytes)
-
-
-def _write_bytes(f: Any, data: memoryview) -> None:
-    f.write(data)
 
 
 # --- progress ---------------------------------------------------------------------
@@ -589,15 +502,6 @@ def _generation_config(model: torch.nn.Module, root: Path) -> None:
 
 
 def _dispatch(model: torch.nn.Module, plan: Plan) -> None:
-    """Hooks at device boundaries (dispatch.py); a CPU-only plan runs without them if absent."""
-    try:
-        from .dispatch import dispatch
+    from .dispatch import dispatch  # dispatch imports plan/offload machinery: load it late
 
-        dispatch(model, plan)
-    except (ImportError, NotImplementedError) as error:
-        gpus = sorted({str(v) for v in plan.exec_map.values() if parse_device(v).is_gpu})
-        if gpus:
-            raise LoadError(
-                f"the plan runs blocks on {', '.join(gpus)} but devicemap.dispatch is unavailable"
-                f" ({error}); reinstall devicemap"
-            ) from error
+    dispatch(model, plan)
