@@ -577,7 +577,8 @@ def _fixed_loads(lay: _Layout) -> dict[Device, _Load]:
     for index, device in lay.fixed.items():
         unit = lay.units[index]
         loads[device].weights += unit.weights
-        loads[lay.exec_device(device)].run(unit, streamed=device != lay.exec_device(device))
+        runs_on = lay.exec_device(device)
+        loads[runs_on].run(unit, streamed=device != runs_on and runs_on.is_gpu)
     return loads
 
 
