@@ -495,3 +495,17 @@ def test_llava_vision_tower_pin(skeletons):
     tower = [name for name in p.device_map if name.startswith("model.vision_tower")]
     assert tower and all(p.device_map[name] == 1 for name in tower)
     assert p.device_map["lm_head"] == 0
+
+
+def test_tiny_qwen2_tied_embeddings_stay_together(tiny_models):
+    from devicemap.skeleton import build_skeleton
+
+    sk = build_skeleton(tiny_models["qwen2"])
+    assert ("model.embed_tokens", "lm_head") in sk.tied
+    layer = next(b.nbytes for b in sk.blocks if b.name == "model.layers.0")
+    budgets = {GPU0: 6 * layer, GPU1: 3 * layer, CPU: 10 * layer}
+    p = plan(sk, max_memory=budgets, context=64, strategy="sequential", pins={"lm_head": "cpu"})
+    assert p.device_map["model.embed_tokens"] == p.device_map["lm_head"] == "cpu"
+    assert p.exec_map["lm_head"] == 0 and p.usage(0).logits == sk.logits_bytes_per_token
+    assert p.device_map["model.layers.0"] == 0
+    assert sum(u.weights for u in p.devices) == sum(b.nbytes for b in sk.blocks)
