@@ -6,26 +6,19 @@ Progress, notes and summaries go to stderr; replies (or one JSON object) to stdo
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import statistics
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
-import psutil
 import torch
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from transformers.generation.streamers import BaseStreamer
 
 from .checkpoint import ModelSource, resolve_model
 from .cli import (
@@ -47,12 +40,13 @@ from .cli import (
     reporting_errors,
     short_size,
 )
-from .devices import DISK, Device, parse_device
+from .devices import parse_device
 from .dispatch import release
 from .errors import BadOption, DevicemapError, ModelNotFound
 from .generate import Chat, Reply, ReplyStream, Sampling, build_prompt, check_context
 from .generate import stream_reply as start_reply
 from .load import load
+from .measure import MEASURES, BenchOptions, BenchResult, bench
 from .plan import Logits, OffloadExec, Plan, Strategy, plan
 from .skeleton import Skeleton, build_skeleton
 
@@ -100,7 +94,7 @@ PLANNING = (
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # click ParameterSource names: typed by the user
 INTERRUPTED = 130  # exit status after Ctrl-C, as shells report SIGINT
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 # --- planning and loading ------------------------------------------------------------
@@ -118,11 +112,13 @@ class Session:
     model: Any = None
     load_s: float = 0.0
 
-    def load(self) -> None:
+    def load(self) -> Any:
+        """The model, loaded as the plan says (a progress bar on a terminal)."""
         start = time.perf_counter()
         self.model = load(self.skeleton, self.plan, progress=stderr.is_terminal)
         self.load_s = time.perf_counter() - start
         stderr.print(f"loaded in {self.load_s:.1f} s")
+        return self.model
 
     def close(self) -> None:
         if self.model is not None:
@@ -482,243 +478,36 @@ def bench_command(
     KV cache and workspace are the ones the benchmark uses.
     """
     with command_errors():
-        check_bench_options(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
-        needed = prompt_tokens + new_tokens  # tokens: plan for what the benchmark runs
-        with session(ctx, *open_model(model), context=needed) as s:
+        options = BenchOptions(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
+        with session(ctx, *open_model(model), context=options.context) as s:
             check_context(prompt_tokens, new_tokens, s.plan.options.context)
-            result = bench(s, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
+            vocab = s.skeleton.config.get_text_config(decoder=True).vocab_size
+            result = bench(s.load, s.plan, vocab=vocab, options=options)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:
         render_bench(result, Console(soft_wrap=False, highlight=False))
 
 
-def check_bench_options(**values: int) -> None:
-    bad = [name for name, value in values.items() if value < 1]
-    if bad:
-        listed = ", ".join(f"--{n.replace('_', '-')} {values[n]}" for n in bad)
-        raise BadOption(f"{listed}: each must be at least 1", options=tuple(bad))
-
-
-@dataclass
-class DevicePeak:
-    """One device: what the plan reserved next to what was measured, in bytes."""
-
-    device: Device
-    planned: dict[str, int]  # weights, kv_cache, workspace, logits, staging, total
-    peak: int | None  # None where nothing could be measured
-    measured: str  # how `peak` was measured
-
-
-@dataclass
-class BenchResult:
-    model: str
-    context: int
-    prompt_tokens: int
-    new_tokens: int
-    runs: int
-    load_s: float
-    prefill_s: list[float]  # per run
-    decode_s: list[float]  # per run, first new token to the last
-    decoded: list[int]  # tokens after the first, per run
-    devices: list[DevicePeak] = field(default_factory=list)
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / statistics.median(self.prefill_s)
-
-    @property
-    def decode_tok_s(self) -> float:
-        rates = [n / t for n, t in zip(self.decoded, self.decode_s, strict=True) if t > 0]
-        return statistics.median(rates) if rates else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "context": self.context,
-            "prompt_tokens": self.prompt_tokens,
-            "new_tokens": self.new_tokens,
-            "runs": self.runs,
-            "load_s": self.load_s,
-            "prefill_tok_s": self.prefill_tok_s,
-            "decode_tok_s": self.decode_tok_s,
-            "prefill_s": self.prefill_s,
-            "decode_s": self.decode_s,
-            "devices": [dataclasses.asdict(d) | {"device": str(d.device)} for d in self.devices],
-        }
-
-
-def bench(s: Session, *, prompt_tokens: int, new_tokens: int, runs: int) -> BenchResult:
-    """Load once (timed), then `runs` greedy generations of exactly `new_tokens` tokens."""
-    gpus = [u.device for u in s.plan.devices if u.device.kind == "cuda"]
-    for gpu in gpus:
-        torch.cuda.reset_peak_memory_stats(gpu.index)
-    with RssSampler() as rss:
-        s.load()
-        ids = random_prompt(s.skeleton, prompt_tokens)
-        timings = [time_generate(s.model, ids, new_tokens) for _ in range(runs)]
-    result = BenchResult(
-        model=s.source.name,
-        context=s.plan.options.context,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        runs=runs,
-        load_s=s.load_s,
-        prefill_s=[t[0] for t in timings],
-        decode_s=[t[1] for t in timings],
-        decoded=[t[2] for t in timings],
-    )
-    result.devices = [peak_of(u.device, s.plan, rss) for u in s.plan.devices]
-    return result
-
-
-def random_prompt(skeleton: Skeleton, tokens: int) -> torch.Tensor:
-    """[1, tokens] int64 ids drawn from the vocabulary with a fixed seed."""
-    vocab = int(getattr(skeleton.config.get_text_config(decoder=True), "vocab_size", 0) or 256)
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (1, tokens), generator=generator)
-
-
-class _Clock(BaseStreamer):  # type: ignore[misc]
-    """Times `generate`: put() gets the prompt first, then each new token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []  # perf_counter seconds
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def time_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
-    """(prefill s, decode s, tokens decoded after the first) of one greedy generation."""
-    clock = _Clock()
-    config = model.generation_config
-    eos = config.eos_token_id
-    pad = config.pad_token_id if config.pad_token_id is not None else eos
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,  # no early end of sequence: every run decodes as much
-            pad_token_id=pad[0] if isinstance(pad, list) else pad,
-            streamer=clock,
-        )
-    first = clock.times[1] if len(clock.times) > 1 else time.perf_counter()
-    return first - start, clock.times[-1] - first, max(len(clock.times) - 2, 0)
-
-
-class RssSampler:
-    """Peak growth of this process's resident memory, sampled every 10 ms in a thread.
-
-    On Linux it splits anonymous memory (tensors: the cpu tier) from file-backed pages
-    (memory-mapped checkpoint data: the disk tier's resident part).
-    """
-
-    interval_s = 0.01
-
-    def __init__(self) -> None:
-        self.start = read_rss()
-        self.peak = dict(self.start)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self.ru_start = ru_maxrss()
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._take()
-
-    def growth(self, kind: str) -> int | None:
-        """Peak minus start, bytes, for "anon", "file" or "total"; None if not measured."""
-        if kind not in self.start:
-            return None
-        grown = self.peak[kind] - self.start[kind]
-        if kind == "total":  # the kernel's own high-water mark sees peaks between samples
-            ru_end = ru_maxrss()
-            if ru_end is not None and self.ru_start is not None and ru_end > self.ru_start:
-                grown = max(grown, ru_end - self.start[kind])
-        return max(grown, 0)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._take()
-
-    def _take(self) -> None:
-        for kind, value in read_rss().items():
-            self.peak[kind] = max(self.peak.get(kind, 0), value)
-
-
-def read_rss() -> dict[str, int]:
-    """{"total": bytes, and on Linux "anon" and "file": bytes} resident now."""
-    rss = {"total": int(psutil.Process().memory_info().rss)}
-    status = Path(f"/proc/{os.getpid()}/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
-                rss[key[3:].lower()] = int(value.split()[0]) * 1024  # kB -> bytes
-    return rss
-
-
-def ru_maxrss() -> int | None:
-    """The process's peak resident bytes so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def peak_of(device: Device, chosen: Plan, rss: RssSampler) -> DevicePeak:
-    usage = chosen.usage(device)
-    planned = {
-        "weights": usage.weights,
-        "kv_cache": usage.kv_cache,
-        "workspace": usage.workspace,
-        "logits": usage.logits,
-        "staging": usage.staging,
-        "total": usage.used,
-    }
-    if device.kind == "cuda":
-        peak = int(torch.cuda.max_memory_allocated(device.index))
-        return DevicePeak(device, planned, peak, "torch.cuda.max_memory_allocated")
-    if device == DISK:
-        grown = rss.growth("file")
-        how = "peak growth of resident mmap'd file pages (RssFile)"
-        return DevicePeak(device, planned, grown, how if grown is not None else "not measured")
-    if device.kind == "cpu":
-        if (grown := rss.growth("anon")) is not None:
-            return DevicePeak(device, planned, grown, "peak growth of anonymous RSS (RssAnon)")
-        return DevicePeak(device, planned, rss.growth("total"), "peak RSS growth (ru_maxrss)")
-    return DevicePeak(device, planned, None, "not measured")
-
-
 def render_bench(result: BenchResult, console: Console) -> None:
+    """The speeds, then per device the plan's bytes next to the measured peak."""
+    o = result.options
     console.print(
         f"[bold]{result.model}[/bold]: load {result.load_s:.2f} s; prefill"
-        f" {result.prefill_tok_s:.1f} tok/s ({result.prompt_tokens} tokens); decode"
-        f" {result.decode_tok_s:.2f} tok/s ({result.new_tokens} tokens); median of {result.runs},"
+        f" {result.prefill_tok_s:.1f} tok/s ({o.prompt_tokens} tokens); decode"
+        f" {result.decode_tok_s:.2f} tok/s ({o.new_tokens} tokens); median of {o.runs} runs,"
         f" planned for context {result.context}"
     )
-    table = Table(title="memory per device", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title="memory per device: planned vs peak", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("device")
-    for column in ("planned", "weights", "KV", "workspace", "logits", "staging", "peak"):
+    for column in ("planned", "weights", "KV", "work", "logits", "staging", "peak"):
         table.add_column(column, justify="right")
-    table.add_column("peak measured as")
+    table.add_column("measured")
     for d in result.devices:
         p = d.planned
         sizes = (p["total"], p["weights"], p["kv_cache"], p["workspace"], p["logits"], p["staging"])
         peak = short_size(d.peak) if d.peak is not None else "-"
         table.add_row(str(d.device), *map(short_size, sizes), peak, d.measured)
     console.print(table)
+    for label in sorted({d.measured for d in result.devices}):
+        console.print(f"  {label}: {MEASURES[label]}")
