@@ -103,3 +103,41 @@ def make_tiny(
     model = build_tiny(arch, seed=seed, **overrides).to(dtype)
     model.save_pretrained(directory, max_shard_size=shard_size)
     return directory
+
+
+def make_tiny_chat(
+    directory: str | Path, tokenizer: Any, *, arch: str = "llama", seed: int = 0, **overrides: Any
+) -> Path:
+    """A tiny `arch` model sized to `tokenizer`'s vocabulary, saved together with the tokenizer
+    (chat template included), so the model directory is all that `devicemap run` needs."""
+    directory = make_tiny(arch, directory, seed=seed, vocab_size=len(tokenizer), **overrides)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def greedy_reply(
+    directory: str | Path,
+    messages: list[dict[str, str]],
+    *,
+    max_new_tokens: int,
+    raw: bool = False,
+) -> str:
+    """Plain transformers: from_pretrained(directory), its chat template (unless `raw`: the
+    messages' text as is), greedy `generate`; the new text without special tokens."""
+    tokenizer = tf.AutoTokenizer.from_pretrained(directory)
+    model = tf.AutoModelForCausalLM.from_pretrained(directory).eval()
+    if raw:
+        text = "\n".join(m["content"] for m in messages)
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    else:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    eos = model.generation_config.eos_token_id
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=eos[0] if isinstance(eos, list) else eos,
+    )
+    return str(tokenizer.decode(out[0, ids.shape[-1] :], skip_special_tokens=True))
