@@ -634,3 +634,19 @@ def test_loading_to_cpu_grows_rss_by_the_model_not_twice(
     assert 0.9 * model < growth < 1.3 * model, (
         f"peak RSS grew {growth / 1e6:.0f} MB for a {model / 1e6:.0f} MB model"
     )
+
+
+def test_a_plan_and_planning_options_together_are_refused(tiny_models: dict[str, Path]) -> None:
+    plan = devicemap.plan(tiny_models["llama"], max_memory={"cpu": "1GiB"})
+    with pytest.raises(TypeError, match="max_memory"):
+        load(tiny_models["llama"], plan, max_memory={"cpu": "2GiB"}, progress=False)
+
+
+def test_a_skeleton_loads_once(tiny_models: dict[str, Path]) -> None:
+    skeleton = build_skeleton(tiny_models["llama"])
+    plan = devicemap.plan(skeleton, max_memory={"cpu": "1GiB"})
+    model = load(skeleton, plan, progress=False)
+    expected = logits(model, "llama")
+    with pytest.raises(devicemap.errors.LoadError, match="build a new one"):
+        load(skeleton, plan, progress=False)
+    assert torch.equal(logits(model, "llama"), expected), "the refused load changed nothing"

@@ -93,8 +93,8 @@ def place(
     model = skeleton.model
     if any(not t.is_meta for t in model.parameters()):
         raise LoadError(
-            f"the skeleton of {skeleton.source.name} was loaded already; build a new one with"
-            " build_skeleton (or devicemap.release the model first)"
+            f"the skeleton of {skeleton.source.name} was loaded already (its model is the"
+            " loaded model); build a new one with build_skeleton to load again"
         )
     if skeleton.dtype != plan.dtype:
         raise PlanMismatch(
