@@ -496,7 +496,8 @@ def render_bench(result: BenchResult, console: Console) -> None:
         f"[bold]{result.model}[/bold]: load {result.load_s:.2f} s; prefill"
         f" {result.prefill_tok_s:.1f} tok/s ({o.prompt_tokens} tokens); decode"
         f" {result.decode_tok_s:.2f} tok/s ({o.new_tokens} tokens); median of {o.runs} runs,"
-        f" planned for context {result.context}"
+        f" planned for context {result.context}",
+        soft_wrap=True,
     )
     table = Table(title="memory per device: planned vs peak", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("device")
@@ -510,4 +511,4 @@ def render_bench(result: BenchResult, console: Console) -> None:
         table.add_row(str(d.device), *map(short_size, sizes), peak, d.measured)
     console.print(table)
     for label in sorted({d.measured for d in result.devices}):
-        console.print(f"  {label}: {MEASURES[label]}")
+        console.print(f"  {label}: {MEASURES[label]}", soft_wrap=True)
