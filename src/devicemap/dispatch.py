@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from .checkpoint import close_mmaps
 from .devices import Device, parse_device
 from .errors import LoadError, PlanError, UnknownDevice
 from .offload import BlockWeights, GpuStreamer, Offload, PagePrefetcher, block_weights
@@ -493,6 +494,7 @@ def release(model: torch.nn.Module, *, drop_weights: bool = True) -> None:
     state.offloads.clear()
     if drop_weights:
         _to_meta(model)
+        close_mmaps()  # the loader's cached file maps; each unmaps once no tensor uses it
     gc.collect()
     if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         torch.cuda.empty_cache()  # release only: never on the hot path

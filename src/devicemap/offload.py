@@ -25,6 +25,7 @@ import mmap
 import queue
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -168,6 +169,7 @@ class PagePrefetcher:
             target=_fault_in_forever, args=(self._jobs,), name="devicemap-pages", daemon=True
         )
         self._thread.start()
+        weakref.finalize(self, self._jobs.put, None)  # dropped without close(): thread ends
 
     def begin(self) -> None:
         self._request(self._predict.peek())
