@@ -129,5 +129,13 @@ def test_select_gpus_errors():
     assert select_gpus(_inv(), 1) == [Device("cuda", 0)]
     with pytest.raises(UnknownDevice, match="more GPUs"):
         select_gpus(_inv(), 3)
-    with pytest.raises(UnknownDevice, match="cuda:5 not found"):
+    with pytest.raises(UnknownDevice, match="cuda:5 not found in this machine"):
         select_gpus(_inv(), [5])
+
+
+def test_budgets_gpus_selects_among_budgeted():
+    mm = {0: "10GiB", 1: "20GiB", "cpu": "64GiB"}
+    assert list(resolve_budgets(mm, gpus=[1])) == [Device("cuda", 1), CPU]
+    assert list(resolve_budgets(mm, gpus=1)) == [Device("cuda", 0), CPU]
+    with pytest.raises(UnknownDevice, match="cuda:3 not found in --max-memory"):
+        resolve_budgets(mm, gpus=[3])

@@ -201,8 +201,10 @@ def _existing_parent(path: str | os.PathLike[str]) -> str:
     return path
 
 
-def select_gpus(inv: Inventory, gpus: int | Iterable[DeviceLike] | None) -> list[Device]:
-    """GPUs to use: all (None), the first N (an int), or the listed ids."""
+def select_gpus(
+    inv: Inventory, gpus: int | Iterable[DeviceLike] | None, *, where: str = "this machine"
+) -> list[Device]:
+    """GPUs to use: all (None), the first N (an int), or the listed ids, among `inv`'s."""
     available = inv.gpus
     if gpus is None:
         return available
@@ -211,7 +213,7 @@ def select_gpus(inv: Inventory, gpus: int | Iterable[DeviceLike] | None) -> list
     if isinstance(gpus, int):
         if gpus > len(available):
             raise UnknownDevice(
-                f"--gpus {gpus} asks for more GPUs than this machine has ({len(available)});"
+                f"--gpus {gpus} asks for more GPUs than {where} has ({len(available)});"
                 " to plan for GPUs you do not have, give --max-memory for each"
             )
         return available[:gpus]
@@ -219,7 +221,7 @@ def select_gpus(inv: Inventory, gpus: int | Iterable[DeviceLike] | None) -> list
     missing = [str(d) for d in chosen if d not in inv.free]
     if missing:
         raise UnknownDevice(
-            f"GPU(s) {', '.join(missing)} not found on this machine (it has"
+            f"GPU(s) {', '.join(missing)} not found in {where} (it has"
             f" {', '.join(map(str, available)) or 'none'}); to plan for GPUs you do not have,"
             " give --max-memory for each"
         )
@@ -236,7 +238,8 @@ def resolve_budgets(
 
     With `max_memory`, exactly the devices it names are used (devices this machine
     does not have are fine: that is what-if planning), and percentages are of what
-    is free now. Without it, every selected GPU, the CPU RAM and the disk get what
+    is free now; `gpus` then keeps only those of its GPUs (the first N, or the
+    listed ids). Without it, every selected GPU, the CPU RAM and the disk get what
     is free now.
     """
     if max_memory is None:
@@ -251,4 +254,8 @@ def resolve_budgets(
         for device, value in zip(keys, max_memory.values(), strict=True):
             free = inv.free.get(device) if inv is not None else None
             budgets[device] = parse_size(value, free=free)
+        if gpus is not None:  # keep only the selected ones among the budgeted GPUs
+            budgeted = Inventory(free=budgets, total=budgets)
+            chosen = select_gpus(budgeted, gpus, where="--max-memory")
+            budgets = {d: b for d, b in budgets.items() if not d.is_gpu or d in chosen}
     return dict(sorted(budgets.items(), key=lambda item: item[0].sort_key))
