@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import mmap
 import os
 import tempfile
 import time
@@ -32,7 +31,6 @@ from report import median, write
 
 MODELS = {"smollm": torch.float32, "tinyllama": torch.bfloat16}
 _libc = ctypes.CDLL(None, use_errno=True)
-_PAGE = mmap.PAGESIZE
 
 
 def disk_pins(path: Path, fraction: float) -> dict[str, str]:
@@ -87,12 +85,20 @@ def offloaded_files(path: Path, device_map: dict[str, Any]) -> tuple[list[Path],
     return sorted({t.file for t in infos}), sum(t.nbytes for t in infos)
 
 
-def evict(files: list[Path], model: Any) -> None:
-    """Drop the files' pages from the page cache, after unmapping them from this process."""
-    for p in model.parameters():  # mapped pages are not dropped: un-map ours first
-        start = p.data_ptr() - p.data_ptr() % _PAGE
-        length = p.data_ptr() + p.untyped_storage().nbytes() - start
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 4)  # MADV_DONTNEED
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache, whoever has them mapped in this process.
+
+    Mapped pages are not dropped by fadvise, so every mapping of these files (devicemap's
+    views, safetensors' handles) is first un-populated with MADV_DONTNEED: file-backed
+    read-only pages, so the next touch re-reads them from the (now cold) file.
+    """
+    names = {str(f.resolve()) for f in files}
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() in names:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:
@@ -144,8 +150,8 @@ def cold(path: Path, device_map: dict[str, Any], dm: Any, acc: Any, steps: int) 
     files, nbytes = offloaded_files(path, device_map)
     speed = median([read_speed(files) for _ in range(2)])
     bound = speed / nbytes  # tokens/s if each step had to read every offloaded byte once
-    dm_rate = 1 / decode_steps(dm, steps, lambda: evict(files, dm))
-    acc_rate = 1 / decode_steps(acc, steps, lambda: evict(files, acc))
+    dm_rate = 1 / decode_steps(dm, steps, lambda: evict(files))
+    acc_rate = 1 / decode_steps(acc, steps, lambda: evict(files))
     return {
         "offloaded_MB": nbytes / 1e6,
         "read_MB_s": speed / 1e6,
