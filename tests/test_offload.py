@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from devicemap.offload import (
     GpuStreamer,
     PagePrefetcher,
     Successors,
+    any_missing,
     block_weights,
     fault_in,
     page_ranges,
@@ -73,16 +75,29 @@ def test_block_weights_align_offsets_and_count_tied_weights_once() -> None:
     assert all(h.data_ptr() == t.data_ptr() for h, t in pairs)
 
 
-def test_page_ranges_cover_each_tensor_one_byte_per_page() -> None:
+def test_page_ranges_merge_adjacent_tensors() -> None:
     big = torch.zeros(3 * PAGE // 4 + 10)  # float32: spans 3 pages and a bit
-    ranges = page_ranges([big[5:]])  # not page-aligned
-    ((start, length, touches),) = ranges
-    ptr = big[5:].data_ptr()
-    assert start % PAGE == 0 and start <= ptr and start + length == ptr + big[5:].nbytes
-    pages = {(ptr + i * PAGE) // PAGE for i in range(len(touches[0]))} | {
-        (ptr + big[5:].nbytes - 1) // PAGE
-    }
-    assert pages == set(range(start // PAGE, (start + length - 1) // PAGE + 1))
+    a, b = big[5:100], big[100:]  # not page-aligned, adjacent
+    pages = page_ranges([b, a])
+    ((start, length),) = pages.spans
+    assert start % PAGE == 0 and start <= a.data_ptr() < start + PAGE
+    assert start + length == big.data_ptr() + big.nbytes
+    assert [r.data_ptr() for r in pages.raws] == [a.data_ptr(), b.data_ptr()]
+    assert [r.numel() for r in pages.raws] == [a.nbytes, b.nbytes]
+    far = torch.zeros(4 * PAGE)
+    assert len(page_ranges([a, far[PAGE:]]).spans) == 2
+
+
+def test_any_missing_sees_untouched_pages() -> None:
+    written = torch.ones(3 * PAGE)
+    ((start, length),) = page_ranges([written]).spans
+    assert not any_missing(start, length)
+    area = mmap.mmap(-1, 4 * PAGE)  # anonymous, never touched: nothing resident
+    fresh = torch.frombuffer(area, dtype=torch.uint8)
+    ((start, length),) = page_ranges([fresh]).spans
+    assert any_missing(start, length)
+    fresh[::PAGE].sum()
+    assert not any_missing(start, length)
 
 
 # --- page residency (mincore) ----------------------------------------------------------------
@@ -97,7 +112,7 @@ def _libc() -> Any:
 def resident(tensors: list[torch.Tensor]) -> float:
     """The fraction of the tensors' pages that are in memory."""
     total = present = 0
-    for start, length, _ in page_ranges(tensors):
+    for start, length in page_ranges(tensors).spans:
         vec = ctypes.create_string_buffer((length + PAGE - 1) // PAGE)
         assert _libc().mincore(start, length, vec) == 0, os.strerror(ctypes.get_errno())
         total += len(vec.raw)
@@ -131,7 +146,7 @@ def test_prefetcher_faults_in_the_next_block(disk_llama: tuple[Any, Any, Path]) 
     evict([root / f"{n}.safetensors" for n in disk])
     if resident(list(blocks[1].host)) > 0.0:
         pytest.skip("this filesystem keeps pages cached after POSIX_FADV_DONTNEED")
-    prefetcher = PagePrefetcher(blocks)
+    prefetcher = PagePrefetcher(blocks, depth=1)
     try:
         prefetcher.enter("model.layers.1")  # block 1 runs: block 3 is next
         prefetcher.wait()
@@ -161,12 +176,12 @@ def test_dispatched_forwards_request_each_next_disk_block(
     batch = batch_for("llama")
     model(**batch)
     prefetcher.wait()
-    # begin(): the first disk block; each disk block asks for the next, the last for the first
-    cycle = ["model.layers.3", "model.norm", "model.layers.1"]
-    assert list(prefetcher.requests) == ["model.layers.1", *cycle]
-    model(**batch)  # the first block was requested at the end of the last forward: not again
+    # depth 2: begin() asks for the first two disk blocks, each block for the one two ahead
+    l1, l3, norm = "model.layers.1", "model.layers.3", "model.norm"
+    assert list(prefetcher.requests) == [l1, l3, norm, l1, l3]
+    model(**batch)  # the wrap-around already asked for this forward's first two
     prefetcher.wait()
-    assert list(prefetcher.requests) == ["model.layers.1", *cycle, *cycle]
+    assert list(prefetcher.requests) == [l1, l3, norm, l1, l3, norm, l1, l3]
 
 
 def test_prefetch_off_attaches_no_block_hooks(disk_llama: tuple[Any, Any, Path]) -> None:
