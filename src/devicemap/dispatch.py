@@ -299,18 +299,22 @@ def _resolve(model: torch.nn.Module, layout: Layout) -> dict[str, torch.nn.Modul
 
 
 def _check_storage(modules: Mapping[str, torch.nn.Module], layout: Layout) -> None:
+    """Every weight on its block's storage device (disk: a cpu mmap); all bad blocks listed."""
     bad = []
     for name, module in modules.items():
         want = layout.storage[name].torch()
-        for pname, tensor in (*module.named_parameters(), *module.named_buffers()):
-            if tensor.device != want and not _is_runtime_buffer(module, pname, layout, name):
-                bad.append(f"{name}.{pname} on {tensor.device} (plan: {layout.storage[name]})")
+        wrong = [
+            f"{name}.{pname} on {tensor.device}"
+            for pname, tensor in (*module.named_parameters(), *module.named_buffers())
+            if tensor.device != want and not _is_runtime_buffer(module, pname, layout, name)
+        ]
+        if wrong:
+            more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
+            bad.append(f"{wrong[0]}{more} (plan: {layout.storage[name]})")
     if bad:
         raise LoadError(
-            f"{len(bad)} weight(s) are not on the storage device the plan gives them: "
-            + "; ".join(bad[:10])
-            + ("; ..." if len(bad) > 10 else "")
-            + ". Load the model with devicemap.load, which places every weight"
+            f"weights of {len(bad)} block(s) are not on the storage device the plan gives"
+            f" them: {'; '.join(bad)}. Load the model with devicemap.load, which places them"
         )
 
 

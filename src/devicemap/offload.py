@@ -354,7 +354,8 @@ class GpuStreamer:
                 f" {self.device}; offloaded blocks cannot nest. Give the outer module"
                 " one block in the device map, or store one of them on the GPU"
             )
-        return idle[0]
+        keep = self._predict.after(name)  # do not evict the block expected next
+        return next((s for s in idle if self._holder[s] != keep), idle[0])
 
     def _prefetch(self, name: str, *, avoid: int | None) -> None:
         if self._find(name) is not None:
@@ -385,7 +386,9 @@ class GpuStreamer:
         if views is None:
             block = self._blocks[name]
             buffer = self._buffers[slot]
-            views = [_typed(buffer, o, h) for h, o in zip(block.host, block.offsets, strict=True)]
+            with torch.inference_mode(False):  # kept across forwards: ordinary tensors
+                pairs = zip(block.host, block.offsets, strict=True)
+                views = [_typed(buffer, offset, host) for host, offset in pairs]
             self._views[(name, slot)] = views
         return views
 
