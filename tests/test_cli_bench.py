@@ -104,12 +104,17 @@ def test_time_generate_decodes_every_token_even_past_the_end_of_sequence() -> No
 def test_rss_sampler_sees_anonymous_and_file_pages(tmp_path: Path) -> None:
     path = tmp_path / "data.bin"
     path.write_bytes(b"\1" * (24 * MiB))
-    with RssSampler() as rss:
-        tensor = torch.ones(32 * MiB // 4)  # float32: 32 MiB written, so resident
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == 24 * MiB // 4096
-            time.sleep(5 * RssSampler.interval_s)  # both held across a few samples
-        del tensor
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # fresh pages: malloc may reuse freed ones
+    with (
+        RssSampler() as rss,
+        mmap.mmap(-1, 32 * MiB, flags=private) as anon,
+        path.open("rb") as f,
+        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as file,
+    ):
+        for i in range(0, len(anon), 4096):
+            anon[i] = 1  # written, so resident
+        assert sum(file[i] for i in range(0, len(file), 4096)) == 24 * MiB // 4096  # read
+        time.sleep(5 * RssSampler.interval_s)  # both held across a few samples
     assert (rss.growth("anon") or 0) >= 30 * MiB
     assert (rss.growth("file") or 0) >= 22 * MiB
     assert (rss.growth("total") or 0) >= 52 * MiB

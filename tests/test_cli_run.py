@@ -229,9 +229,10 @@ def test_demo_split_between_cpu_and_disk_answers_like_transformers(
     directory = demo.demo_model_dir()  # the cached conversion: DEVICEMAP_CACHE is read here
     question = "What is the capital of France?"
     budgets = ["--max-memory", "cpu=250MiB", "--max-memory", "disk=2GiB"]
-    result = invoke("run", directory, "-p", question, "-n", 12, "--json", *budgets)
+    result = invoke("run", "-p", question, "-n", 12, "--json", *budgets)  # MODEL: the demo
     assert result.exit_code == 0
     out = json.loads(result.stdout)
     assert out["placement"]["cpu"] >= 1 and out["placement"]["disk"] >= 10  # of 34 blocks
     assert out["reply"] == greedy_reply(directory, user(question), max_new_tokens=12)
     assert "Paris" in out["reply"]
+    assert out["model"] == str(directory)

@@ -35,9 +35,10 @@ def main() -> None:
 # --- shared options -------------------------------------------------------------
 
 ModelArg = Annotated[
-    str,
+    str | None,
     typer.Argument(
-        help="Model directory, config.json, weights file or hub id in the local cache.",
+        help="Model directory, config.json, weights file or hub id in the local cache."
+        " Default: the demo model, SmolLM2-135M-Instruct (converted once, cached).",
         show_default=False,
     ),
 ]
@@ -81,8 +82,12 @@ LogitsOpt = Annotated[
 ]
 
 
-def model_argument(model: str) -> str:
+def model_argument(model: str | None) -> str:
     """The one place that turns the MODEL argument into a model reference (demo default: here)."""
+    if model is None:
+        from .demo import demo_model_dir  # converts the demo model on first use (~20 s)
+
+        return str(demo_model_dir())
     return model
 
 
@@ -156,7 +161,7 @@ def reporting_errors() -> Iterator[None]:
 
 @app.command("plan")
 def plan_command(
-    model: ModelArg,
+    model: ModelArg = None,
     max_memory: MaxMemoryOpt = None,
     gpus: GpusOpt = None,
     context: ContextOpt = None,
@@ -258,3 +263,6 @@ def blocks_table(result: Plan) -> Table:
         runs = sorted({str(parse_device(result.exec_map[n])) for n in names})
         table.add_row(str(usage.device), ", ".join(compress_names(names)), ", ".join(runs))
     return table
+
+
+from . import commands as _commands  # noqa: E402, F401  (registers run, chat and bench on app)

@@ -60,6 +60,17 @@ PlanFileOpt = Annotated[
         " planning options).",
     ),
 ]
+# --context as in `devicemap plan`, but run and bench know the context they need
+ReplyContextOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--context", "-c", help="Tokens per sequence. Default: this prompt + --max-new-tokens."
+    ),
+]
+BenchContextOpt = Annotated[
+    int | None,
+    typer.Option("--context", "-c", help="Tokens per sequence. Default: the prompt + new tokens."),
+]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The prompt; '-' reads stdin.")]
 SystemOpt = Annotated[
     str | None, typer.Option("--system", help="A system message before the conversation.")
@@ -128,7 +139,7 @@ class Session:
 
 def open_model(model: str | None) -> tuple[ModelSource, Any]:
     """MODEL resolved on this machine (ModelNotFound if it is not here) and its tokenizer."""
-    source = resolve_model(model_argument(cast(str, model)))
+    source = resolve_model(model_argument(model))
     return source, load_tokenizer(source)
 
 
@@ -264,11 +275,11 @@ def sampling_from(ctx: typer.Context) -> Sampling:
 @app.command("run")
 def run_command(
     ctx: typer.Context,
-    model: ModelArg,
     prompt: PromptOpt,
+    model: ModelArg = None,
     max_memory: MaxMemoryOpt = None,
     gpus: GpusOpt = None,
-    context: ContextOpt = None,
+    context: ReplyContextOpt = None,
     batch: BatchOpt = 1,
     dtype: DtypeOpt = None,
     strategy: StrategyOpt = "balanced",
@@ -366,7 +377,7 @@ def reply_json(s: Session, reply: Reply, *, prompt: str) -> dict[str, Any]:
 @app.command("chat")
 def chat_command(
     ctx: typer.Context,
-    model: ModelArg,
+    model: ModelArg = None,
     max_memory: MaxMemoryOpt = None,
     gpus: GpusOpt = None,
     context: ContextOpt = None,
@@ -454,10 +465,10 @@ def answer(chat: Chat, text: str) -> None:
 @app.command("bench")
 def bench_command(
     ctx: typer.Context,
-    model: ModelArg,
+    model: ModelArg = None,
     max_memory: MaxMemoryOpt = None,
     gpus: GpusOpt = None,
-    context: ContextOpt = None,
+    context: BenchContextOpt = None,
     batch: BatchOpt = 1,
     dtype: DtypeOpt = None,
     strategy: StrategyOpt = "balanced",
