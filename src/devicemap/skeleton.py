@@ -5,7 +5,8 @@ its `architectures` on the meta device (parameters have shape and dtype, no data
 makes the non-persistent buffers (rotary `inv_freq`, `position_ids`) real on CPU,
 and cuts the module tree into blocks: the no-split units (decoder layers) and the
 loose modules between them. A forward pass on meta tensors records the order the
-blocks run in. Sizes, ties and the per-token memory model come from the same build.
+blocks run in. Sizes and ties come from the same build; the per-token memory of each
+block (KV cache, activations, logits) from memory.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .checkpoint import ModelSource, resolve_model
 from .errors import ConfigError
+from .memory import act_bytes_per_token, block_kv, kv_layers, logits_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,6 @@ def build_skeleton(
     parts, order = order_parts(parts, scratch, units, config)
     materialize_buffers(module)
     blocks = make_blocks(module, parts, config, plan_dtype)
-    vocab = getattr(config.get_text_config(decoder=True), "vocab_size", None) or 0
     return Skeleton(
         model=module,
         config=config,
@@ -98,7 +99,7 @@ def build_skeleton(
         order=order,
         tied=tied_groups(module, parts),
         output_block=output_block(module, parts),
-        logits_bytes_per_token=vocab * 4,  # fp32 logits
+        logits_bytes_per_token=logits_bytes_per_token(config),
         max_positions=max_positions(config),
         fingerprint=fingerprint,
     )
@@ -317,11 +318,11 @@ def make_blocks(
     keys = _keys_by_part(module, parts)
     seen: set[int] = set()  # ids of tensors already counted (ties count once)
     owners = _config_owners(module)
-    kv = _kv_layers(config, dtype)
+    kv = kv_layers(config, dtype)
     blocks = []
     for part in parts:
         cfg = owners.get(id(part.module), config)
-        kv_bytes, window = block_kv(part, kv)
+        kv_bytes, window = (0, None) if part.tensor is not None else block_kv(part.module, kv)
         blocks.append(
             Block(
                 name=part.name,
@@ -330,10 +331,21 @@ def make_blocks(
                 no_split=part.no_split,
                 kv_bytes_per_token=kv_bytes,
                 kv_window=window,
-                act_bytes_per_token=block_act_bytes(part, cfg, dtype),
+                act_bytes_per_token=act_bytes_per_token(cfg, dtype, layer=part.no_split),
             )
         )
     return tuple(blocks)
+
+
+def _config_owners(module: torch.nn.Module) -> dict[int, Any]:
+    """id(module) -> the config of its nearest enclosing transformers model (VLM sub-configs)."""
+    from transformers import PreTrainedModel
+
+    return {
+        id(sub): owner.config
+        for owner, sub in _modules_with_owner(module, PreTrainedModel)
+        if owner is not None
+    }
 
 
 def _keys_by_part(module: torch.nn.Module, parts: list[_Part]) -> dict[str, list[str]]:
@@ -341,15 +353,21 @@ def _keys_by_part(module: torch.nn.Module, parts: list[_Part]) -> dict[str, list
     keys: dict[str, list[str]] = {p.name: [] for p in parts}
     orphans = []
     for key in module.state_dict(keep_vars=True):
-        prefix = key
-        while prefix not in keys and "." in prefix:
-            prefix = prefix.rsplit(".", 1)[0]
-        if prefix in keys:
-            keys[prefix].append(key)
+        owner = _owner(key, keys)
+        if owner:
+            keys[owner].append(key)
         else:
             orphans.append(key)
     assert not orphans, f"state_dict keys in no block: {orphans}"
     return keys
+
+
+def _owner(key: str, names: Container[str]) -> str:
+    """The block owning `key`: its longest prefix (itself included) in `names`; "" if none."""
+    prefix = key
+    while prefix not in names and "." in prefix:
+        prefix = prefix.rsplit(".", 1)[0]
+    return prefix if prefix in names else ""
 
 
 def _tensors(part: _Part) -> list[torch.Tensor]:
@@ -491,26 +509,14 @@ def trace_inputs(config: Any) -> dict[str, torch.Tensor]:
 
 def tied_groups(module: torch.nn.Module, parts: list[_Part]) -> tuple[tuple[str, ...], ...]:
     """Groups of blocks sharing a tensor: transformers' tie mapping plus ties made in __init__."""
-    block_of = _block_lookup(parts)
-    pairs: list[tuple[str, str]] = []
     mapping = getattr(module, "all_tied_weights_keys", None) or {}
-    pairs += [(block_of(target), block_of(source)) for target, source in mapping.items()]
+    keys: list[tuple[str, str]] = list(mapping.items())  # (target, source) state_dict keys
     first_name: dict[int, str] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
-        pairs.append((block_of(first_name.setdefault(id(param), name)), block_of(name)))
-    return _union(pairs, [p.name for p in parts])
-
-
-def _block_lookup(parts: list[_Part]) -> Any:
+        keys.append((first_name.setdefault(id(param), name), name))
     names = {p.name for p in parts}
-
-    def block_of(key: str) -> str:
-        prefix = key
-        while prefix not in names and "." in prefix:
-            prefix = prefix.rsplit(".", 1)[0]
-        return prefix if prefix in names else ""
-
-    return block_of
+    pairs = [(_owner(one, names), _owner(other, names)) for one, other in keys]
+    return _union(pairs, [p.name for p in parts])
 
 
 def _union(pairs: list[tuple[str, str]], order: list[str]) -> tuple[tuple[str, ...], ...]:
@@ -541,145 +547,3 @@ def output_block(module: torch.nn.Module, parts: list[_Part]) -> str | None:
         if part.module is head or any(m is head for m in part.module.modules()):
             return part.name
     return None
-
-
-# --- memory per token -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _KVLayer:
-    bytes_per_token: int  # K and V of one attention layer, per token per sequence
-    window: int | None  # sliding window; None = whole context
-
-
-def _kv_layers(config: Any, dtype: torch.dtype) -> list[_KVLayer]:
-    """Per decoder layer index: KV bytes per token and window, as transformers' cache holds them.
-
-    Layer types come from `get_layer_types_and_kwargs` (what DynamicCache uses): sliding and
-    chunked layers keep a window; "dummy" layers (shared KV, MLP/MoE-only) keep nothing.
-    """
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    text = config.get_text_config(decoder=True)
-    per_token = 2 * kv_heads(text) * head_dim(text) * dtype.itemsize  # K and V
-    try:
-        types, kwargs = get_layer_types_and_kwargs(text)
-    except (AttributeError, TypeError, ValueError):
-        types, kwargs = [], []
-    layers = []
-    for layer_type, layer_kwargs in zip(types, kwargs, strict=False):
-        if layer_type in ("dummy", "conv", "linear_attention", "mamba"):
-            layers.append(_KVLayer(0, None))
-        else:
-            layers.append(_KVLayer(per_token, layer_kwargs.get("sliding_window")))
-    return layers
-
-
-def kv_heads(cfg: Any) -> int:
-    """Key/value heads of one attention layer (GQA configs have fewer than query heads)."""
-    for key in ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ConfigError(f"{type(cfg).__name__} names no attention head count")
-
-
-def head_dim(cfg: Any) -> int:
-    """Width of one attention head: `head_dim` / `d_kv`, else hidden size / query heads."""
-    for key in ("head_dim", "d_kv"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
-    return hidden_size(cfg) // heads
-
-
-def hidden_size(cfg: Any) -> int:
-    """Width of the residual stream (0 if the config does not say)."""
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int):
-            return value
-    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else None
-    return hidden_size(text) if text is not None and text is not cfg else 0
-
-
-def block_kv(part: _Part, layers: list[_KVLayer]) -> tuple[int, int | None]:
-    """KV bytes per token of the caching attention layers in `part`, and their common window.
-
-    A caching attention layer is the innermost module with a `layer_idx` that is a decoder
-    (`is_decoder`, else `is_causal` not False): encoder and vision attention cache nothing.
-    T5's cross-attention caches the encoder's K/V: counted per token like self-attention
-    (exact when prompt and context are alike in length, an over-estimate otherwise).
-    """
-    if part.tensor is not None:
-        return 0, None
-    found = [layers[i] for i in _caching_layer_indices(part.module) if 0 <= i < len(layers)]
-    windows = {layer.window for layer in found if layer.bytes_per_token}
-    window = windows.pop() if len(windows) == 1 else None  # mixed windows: whole context
-    return sum(layer.bytes_per_token for layer in found), window
-
-
-def _caching_layer_indices(module: torch.nn.Module) -> list[int]:
-    indices = []
-    for sub in module.modules():
-        idx = getattr(sub, "layer_idx", None)
-        if not isinstance(idx, int) or any(
-            isinstance(getattr(m, "layer_idx", None), int) for m in list(sub.modules())[1:]
-        ):
-            continue
-        decoder = getattr(sub, "is_decoder", None)
-        if decoder if decoder is not None else getattr(sub, "is_causal", True) is not False:
-            indices.append(idx)
-    return indices
-
-
-def block_act_bytes(part: _Part, cfg: Any, dtype: torch.dtype) -> int:
-    """Activation workspace while the block runs, per token per sequence, at `dtype`.
-
-    No-split units are transformer layers (`layer_act_width`); every other block passes the
-    residual stream through (embeddings, norms, LM head: logits are counted separately).
-    """
-    width = layer_act_width(cfg) if part.no_split else hidden_size(cfg)
-    return width * dtype.itemsize
-
-
-def layer_act_width(cfg: Any) -> int:
-    """Values live per token at a transformer layer's peak: max of attention and MLP phases.
-
-    Assumes SDPA/flash attention (no T x T score matrix). Attention phase: residual + normed
-    input + q + k + v + attention output. MLP phase: residual + normed input + the gate, up
-    and activated intermediates of each expert a token is routed to (`mlp_width`).
-    """
-    hidden = hidden_size(cfg)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
-    q_width = heads * head_dim(cfg)
-    attention = 2 * hidden + 2 * q_width + 2 * kv_heads(cfg) * head_dim(cfg)
-    return max(attention, 2 * hidden + 3 * mlp_width(cfg))
-
-
-def mlp_width(cfg: Any) -> int:
-    """Intermediate width a token passes through: dense MLP, or top-k experts + shared expert."""
-    dense = (
-        getattr(cfg, "intermediate_size", None)
-        or getattr(cfg, "n_inner", None)
-        or getattr(cfg, "d_ff", None)
-        or 4 * hidden_size(cfg)
-    )
-    top_k = getattr(cfg, "num_experts_per_tok", None)
-    if not top_k:
-        return int(dense)
-    expert = getattr(cfg, "moe_intermediate_size", None) or dense
-    shared = getattr(cfg, "shared_expert_intermediate_size", None) or 0
-    return int(top_k * expert + shared)
-
-
-def _config_owners(module: torch.nn.Module) -> dict[int, Any]:
-    """id(module) -> the config of its nearest enclosing transformers model (VLM sub-configs)."""
-    from transformers import PreTrainedModel
-
-    return {
-        id(sub): owner.config
-        for owner, sub in _modules_with_owner(module, PreTrainedModel)
-        if owner is not None
-    }
