@@ -323,7 +323,12 @@ def test_first_device_is_the_first_top_level_tensor() -> None:
 
 
 def modules_with_hooks(model: Any) -> set[str]:
-    return {n for n, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks}
+    """Modules carrying devicemap hooks (transformers adds output-capturing hooks of its own)."""
+    return {n for n, m in model.named_modules() if hook_count(m) > hook_count_below(m)}
+
+
+def hook_count_below(module: Any) -> int:
+    return sum(hook_count(child) for child in module.children())
 
 
 def test_hooks_only_on_the_model_and_disk_blocks(llama: tuple[Any, Any, Plan]) -> None:
@@ -382,6 +387,14 @@ def test_encoder_decoder_and_vision_language_equal_plain(arch: str, tmp_path: Pa
     gen = {k: v for k, v in batch.items() if k != "decoder_input_ids"}
     greedy = {"max_new_tokens": 6, "do_sample": False}
     assert torch.equal(model.generate(**gen, **greedy), plain.generate(**gen, **greedy))
+    # hooks only, never a replaced forward (generate would add accelerate's to the encoder)
+    assert not [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    if arch == "t5":
+        assert model.encoder._hf_hook.io_same_device  # generate's flag, set on our shim
+        assert model.encoder._forward_pre_hooks and model.encoder._forward_hooks  # an entry
+    release(model)
+    assert hook_count(model) == 0
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
 def tiny_tokenizer() -> Any:

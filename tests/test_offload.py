@@ -30,7 +30,7 @@ from devicemap.offload import (
     fault_in,
     page_ranges,
 )
-from test_dispatch import batch_for, blocks_of, make_plan, place, storage_for
+from test_dispatch import batch_for, blocks_of, make_plan, modules_with_hooks, place, storage_for
 from tiny import build_tiny
 
 # --- successors ---------------------------------------------------------------------------
@@ -188,8 +188,7 @@ def test_prefetch_off_attaches_no_block_hooks(disk_llama: tuple[Any, Any, Path])
     model, plan, _ = disk_llama
     dispatch(model, plan, prefetch=False)
     assert model.__dict__[_STATE].offloads == []
-    hooked = {n for n, m in model.named_modules() if m._forward_pre_hooks}
-    assert hooked == {""}
+    assert modules_with_hooks(model) == {""}
 
 
 # --- the GPU streamer's bookkeeping, on the CPU with fake streams and events ------------------

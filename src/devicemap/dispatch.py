@@ -525,8 +525,20 @@ def releasing(model: M) -> Iterator[M]:
 
 
 def hook_count(model: torch.nn.Module) -> int:
-    """Forward pre-hooks and forward hooks on all modules of `model` (tests, diagnostics)."""
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    """devicemap's forward pre-hooks and forward hooks on all modules of `model`.
+
+    transformers installs hooks of its own (output capturing), which are not counted.
+    """
+    count = 0
+    for module in model.modules():
+        hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        count += sum(_ours(hook) for hook in hooks)
+    return count
+
+
+def _ours(hook: Any) -> bool:
+    fn = hook.func if isinstance(hook, functools.partial) else hook
+    return getattr(fn, "__module__", None) == __name__
 
 
 def dispatched_blocks(model: torch.nn.Module) -> Sequence[str]:
