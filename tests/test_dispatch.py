@@ -444,6 +444,13 @@ def test_release_removes_every_hook_and_drops_the_weights(llama: tuple[Any, Any,
     release(model)  # twice: nothing left to do
 
 
+def test_release_of_a_model_never_dispatched_frees_it_too() -> None:
+    model = build_tiny("llama")
+    ref = weakref.ref(model.lm_head.weight)
+    release(model)
+    assert ref() is None and all(p.is_meta for p in model.parameters())
+
+
 def test_releasing_context_manager(llama: tuple[Any, Any, Plan]) -> None:
     plain, model, plan = llama
     batch = batch_for("llama")

@@ -482,26 +482,30 @@ def release(model: torch.nn.Module, *, drop_weights: bool = True) -> None:
     Offload threads stop, staging buffers and streams are dropped, and (by default) every
     parameter and buffer is replaced by an empty one on the meta device, so GPU memory
     and checkpoint mmaps are freed even while the caller still holds `model`; load it
-    again to run it. Calling it twice, or on a model never dispatched, does nothing.
+    again to run it. Safe to call twice, and on a model that was never dispatched.
     """
     state: _Dispatched | None = model.__dict__.pop(_STATE, None)
-    if state is None:
-        return
-    for handle in state.handles:
-        handle.remove()
-    for offload in state.offloads:
-        offload.close()
-    for module in state.shims:
-        module.__dict__.pop("_hf_hook", None)
-    model.__dict__.pop("hf_device_map", None)
-    state.handles.clear()
-    state.offloads.clear()
+    if state is not None:
+        _detach(model, state)
     if drop_weights:
         _to_meta(model)
         close_mmaps()  # the loader's cached file maps; each unmaps once no tensor uses it
     gc.collect()
     if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         torch.cuda.empty_cache()  # release only: never on the hot path
+
+
+def _detach(model: torch.nn.Module, state: _Dispatched) -> None:
+    for handle in state.handles:
+        handle.remove()
+    for offload in state.offloads:
+        offload.close()  # threads joined; weights point at their storage again
+    for module in state.shims:
+        module.__dict__.pop("_hf_hook", None)
+    model.__dict__.pop("hf_device_map", None)
+    state.handles.clear()
+    state.offloads.clear()
+    state.mover.reset()
 
 
 def _to_meta(model: torch.nn.Module) -> None:
