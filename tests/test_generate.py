@@ -129,6 +129,16 @@ def test_build_prompt_rejects_empty_prompt(tok: Any) -> None:
         build_prompt(tok, "", raw=True)
 
 
+def test_check_context_never_suggests_past_the_model_limit() -> None:
+    with pytest.raises(
+        ContextTooLong, match=r"holds at most 512 tokens; lower --max-new-tokens to 12"
+    ):
+        check_context(500, 256, 4096, limit=512)
+    with pytest.raises(ContextTooLong, match="at most 512 tokens; shorten the prompt"):
+        check_context(600, 10, 4096, limit=512)
+    check_context(500, 12, 512, limit=512)  # exactly full: fine
+
+
 def test_check_context() -> None:
     check_context(100, 156, 256)  # exactly full: fine
     with pytest.raises(ContextTooLong) as info:

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import devicemap
+import devicemap.load
 from devicemap import convert
-from devicemap import load as load_module
 from devicemap.checkpoint import read_index
 from devicemap.devices import format_size, parse_device
 from devicemap.errors import (
@@ -35,6 +35,8 @@ from devicemap.load import load, place
 from devicemap.plan import DeviceUsage, Plan, PlanOptions
 from devicemap.skeleton import Skeleton, build_skeleton
 from tiny import CAUSAL, make_tiny, model_class
+
+load_module = sys.modules["devicemap.load"]  # the module: `devicemap.load` is the function
 
 # --- helpers ---------------------------------------------------------------------
 

@@ -306,7 +306,12 @@ def run_command(
         ids = build_prompt(tokenizer, [*messages, {"role": "user", "content": text}], raw=raw)
         needed = int(ids.shape[-1]) + sampling.max_new_tokens  # tokens: plan for what runs
         with session(ctx, source, tokenizer, context=needed) as s:
-            check_context(int(ids.shape[-1]), sampling.max_new_tokens, s.plan.options.context)
+            check_context(
+                int(ids.shape[-1]),
+                sampling.max_new_tokens,
+                s.plan.options.context,
+                limit=s.skeleton.max_positions,
+            )
             s.load()
             reply = reply_to(s, ids, sampling, show=not as_json)
     if as_json:
@@ -491,7 +496,9 @@ def bench_command(
     with command_errors():
         options = BenchOptions(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
         with session(ctx, *open_model(model), context=options.context) as s:
-            check_context(prompt_tokens, new_tokens, s.plan.options.context)
+            check_context(
+                prompt_tokens, new_tokens, s.plan.options.context, limit=s.skeleton.max_positions
+            )
             vocab = s.skeleton.config.get_text_config(decoder=True).vocab_size
             result = bench(s.load, s.plan, vocab=vocab, options=options)
     if as_json:

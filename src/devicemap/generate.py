@@ -81,10 +81,25 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_context(input_len: int, max_new_tokens: int, context: int) -> None:
-    """Raise ContextTooLong unless the prompt and the new tokens fit the planned context."""
+def check_context(
+    input_len: int, max_new_tokens: int, context: int, *, limit: int | None = None
+) -> None:
+    """Raise ContextTooLong unless the prompt and the new tokens fit the planned context.
+
+    `limit` is the model's own longest context: a suggested --context never exceeds it.
+    """
     total = input_len + max_new_tokens  # tokens
     suggest = -(-total // _CONTEXT_STEP) * _CONTEXT_STEP
+    if limit is not None and total > limit:
+        fix = (
+            f"lower --max-new-tokens to {limit - input_len}"
+            if input_len < limit
+            else "shorten the prompt"
+        )
+        raise ContextTooLong(
+            f"prompt is {input_len} tokens + {max_new_tokens} new = {total}, but the model holds"
+            f" at most {limit} tokens; {fix}"
+        )
     if input_len >= context:
         raise ContextTooLong(
             f"prompt is {input_len} tokens, the plan holds {context}; re-plan with "
