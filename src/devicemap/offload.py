@@ -196,8 +196,9 @@ def fault_in(pages: Pages) -> None:
 class PagePrefetcher:
     """Disk-stored blocks executing on the CPU: while block k runs, fault in k+1 .. k+depth.
 
-    Depth 2 keeps the disk busy when reading a block takes longer than computing one
-    (measured: 0.79x -> see bench); each block is asked for once per pass.
+    Each block is asked for once per pass. Measured (2 cores, llama hidden 1024, 9 of 12
+    layers on disk = 441 MiB, page cache evicted before every decode step): 224 ms per
+    step with prefetch = 1.00x the time to read those files cold, 241-264 ms without.
     """
 
     def __init__(self, blocks: Sequence[BlockWeights], *, depth: int = 2, log: int = 4096):
