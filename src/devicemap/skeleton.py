@@ -143,6 +143,11 @@ def parse_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
     raise ConfigError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16": how plans and messages name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def model_class(config: Any, source: ModelSource, *, trust_remote_code: bool = False) -> type:
     """The class named first in `config.architectures`, from transformers or the model's code."""
     import transformers

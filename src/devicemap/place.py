@@ -1,0 +1,591 @@
+"""Placement: which device stores each block, walking the blocks once in execution order.
+
+O(blocks x devices) per pass, a constant number of passes. Cost model, per device, in bytes:
+
+    weights   blocks *stored* there
+    kv_cache  sum over attention blocks *executing* there of
+              kv_bytes_per_token x min(context, window) x batch
+    workspace largest act_bytes_per_token executing there x prefill x batch
+    logits    logits_bytes_per_token x batch x (1 token, or every prefill token with
+              logits="all") on the LM head's execution device. generate() passes
+              logits_to_keep=1, so the prefill computes the last token's logits only;
+              a plain `model(input_ids)` over a long prompt computes all of them
+              (128k vocab x 8k tokens x 4 B = 4 GiB), so plan with logits="all" for that
+    staging   on a GPU that executes cpu/disk-stored blocks: 2 x the largest such
+              block (double buffer: one block computes while the next arrives)
+
+Disk holds weights only; blocks stored on cpu/disk keep their KV and workspace
+on their execution device. Tied blocks form one unit that goes to one device; pins
+fix a unit's device. The host (where cpu/disk-stored blocks execute) reserves their
+runtime memory up front; `_refine` narrows that reserve over a few passes. When
+nothing fits, DoesNotFit says by how much and lists changes checked to make it fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .devices import CPU, DISK, Device, format_size
+from .errors import DoesNotFit, PinError
+from .skeleton import Block, Skeleton, dtype_name
+
+if TYPE_CHECKING:
+    from .plan import PlanOptions
+
+_PASSES = 3  # reserve refinements before the always-valid pessimistic pass
+_GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each block is stored, and the layout and fill pass that put it there."""
+
+    layout: Layout
+    fill: Fill
+    stored: list[Device]  # storage device per block position
+
+
+def place(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions) -> Placement:
+    """Store every block on a device of `budgets` (placement order); DoesNotFit if none fits."""
+    lay = _layout(skeleton, budgets, options)
+    fill = _refine(lay)
+    if not fill.ok:
+        raise _does_not_fit(lay, fill)
+    return Placement(lay, fill, _stored(lay, fill))
+
+
+# --- pins ---------------------------------------------------------------------
+
+
+def _resolve_pins(
+    skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions
+) -> dict[int, tuple[str, Device]]:
+    """Block position -> (pin prefix, device); every bad pin is reported at once."""
+    bad: list[str] = []
+    pinned: dict[int, tuple[str, Device]] = {}
+    for prefix, device in options.pins.items():
+        hits = [i for i, b in enumerate(skeleton.blocks) if pin_covers(prefix, b)]
+        if not hits:
+            bad.append(
+                f"{prefix!r} is no module of {skeleton.source.name}{_close(prefix, skeleton)}"
+            )
+        elif device not in budgets:
+            bad.append(
+                f"{prefix!r} -> {device}: {device} has no budget; give it one or pin elsewhere"
+            )
+        for i in hits:  # the longest (most specific) pin wins
+            if i not in pinned or len(prefix) > len(pinned[i][0]):
+                pinned[i] = (prefix, device)
+    if bad:
+        raise PinError("bad pin(s): " + "; ".join(bad))
+    return pinned
+
+
+def pin_covers(prefix: str, block: Block) -> bool:
+    """The pin names this block, a module holding it, or a module inside it."""
+    if block.name == prefix or block.name.startswith(prefix + ".") or prefix == "":
+        return True
+    return prefix.startswith(block.name + ".") and any(
+        p == prefix or p.startswith(prefix + ".") for p in block.params
+    )
+
+
+def _close(prefix: str, skeleton: Skeleton) -> str:
+    names = {b.name for b in skeleton.blocks}
+    names |= {n.rsplit(".", 1)[0] for n in names if "." in n}
+    close = difflib.get_close_matches(prefix, sorted(names), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+
+
+# --- units: a block with the blocks tied to it --------------------------------
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Blocks that must share a device (a tied group, or one block), costed at the options."""
+
+    blocks: tuple[int, ...]  # block positions, leader (first in execution order) first
+    weights: int  # bytes
+    kv: int  # bytes at context x batch
+    act: int  # largest act_bytes_per_token
+    stage: int  # largest block, bytes (the staging buffer it needs when streamed)
+    logits: int  # bytes, when the output block is in it
+
+
+def _units(skeleton: Skeleton, options: PlanOptions) -> list[_Unit]:
+    position = {b.name: i for i, b in enumerate(skeleton.blocks)}
+    parent = list(range(len(skeleton.blocks)))  # union-find over tied blocks
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for group in skeleton.tied:
+        members = [position[name] for name in group if name in position]
+        for i in members[1:]:
+            a, b = root(members[0]), root(i)
+            parent[max(a, b)] = min(a, b)  # the root is the group's first block
+    groups: dict[int, list[int]] = {}
+    for i in range(len(parent)):
+        groups.setdefault(root(i), []).append(i)
+    return [_unit(skeleton, members, options) for members in groups.values()]
+
+
+def _unit(skeleton: Skeleton, members: list[int], options: PlanOptions) -> _Unit:
+    blocks = [skeleton.blocks[i] for i in members]
+    output = any(b.name == skeleton.output_block for b in blocks)
+    return _Unit(
+        blocks=tuple(members),
+        weights=sum(b.nbytes for b in blocks),
+        kv=sum(_kv_bytes(b, options.context, options.batch) for b in blocks),
+        act=max(b.act_bytes_per_token for b in blocks),
+        stage=max(b.nbytes for b in blocks),
+        logits=skeleton.logits_bytes_per_token * options.logits_tokens() * options.batch
+        if output
+        else 0,
+    )
+
+
+def _kv_bytes(block: Block, context: int, batch: int) -> int:
+    """KV cache of one block: a sliding window caches at most `kv_window` tokens."""
+    tokens = context if block.kv_window is None else min(context, block.kv_window)
+    return block.kv_bytes_per_token * tokens * batch
+
+
+# --- loads: what a device must hold while the plan is being built --------------
+
+
+@dataclass
+class _Load:
+    weights: int = 0
+    kv: int = 0
+    act: int = 0  # bytes per token per sequence, largest executing here
+    stage: int = 0  # largest block streamed in to execute here
+    logits: int = 0
+
+    def total(self, tokens: int) -> int:
+        """Bytes, with `tokens` = prefill x batch."""
+        return self.weights + self.kv + self.act * tokens + self.logits + 2 * self.stage
+
+    def run(self, unit: _Unit, *, streamed: bool) -> None:
+        """Charge the runtime memory of `unit` executing here."""
+        self.kv += unit.kv
+        self.act = max(self.act, unit.act)
+        self.logits += unit.logits
+        if streamed:
+            self.stage = max(self.stage, unit.stage)
+
+    def with_unit(self, unit: _Unit, tokens: int) -> int:
+        """total() if `unit` were stored and executed here."""
+        act = max(self.act, unit.act) * tokens
+        return self.total(tokens) - self.act * tokens + unit.weights + unit.kv + act + unit.logits
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything the fill passes read; built once per make_plan, O(blocks)."""
+
+    skeleton: Skeleton
+    budgets: Mapping[Device, int]
+    options: PlanOptions
+    units: list[_Unit]
+    fixed: dict[int, Device]  # unit -> pinned device
+    free: list[int]  # unpinned units, execution order
+    devices: list[Device]
+    gpus: list[Device]
+    host: Device  # where cpu/disk-stored blocks execute
+    tokens: int  # prefill x batch
+    suffix: list[_Load]  # suffix[k]: runtime of free units k.. executing on the host
+
+    def remote(self, device: Device) -> bool:
+        """Stored here, executed on the host (streamed or paged in)."""
+        return not device.is_gpu and device != self.host
+
+    def exec_device(self, stored: Device) -> Device:
+        return stored if stored.is_gpu else self.host
+
+
+def _layout(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions) -> Layout:
+    units = _units(skeleton, options)
+    fixed = _fixed_devices(skeleton, units, _resolve_pins(skeleton, budgets, options))
+    devices = list(budgets)
+    gpus = [d for d in devices if d.is_gpu]
+    host = gpus[0] if gpus and (options.offload_exec == "gpu" or CPU not in budgets) else CPU
+    free = [u for u in range(len(units)) if u not in fixed]
+    suffix = [_Load() for _ in range(len(free) + 1)]
+    for k in range(len(free) - 1, -1, -1):
+        suffix[k] = dataclasses.replace(suffix[k + 1])
+        suffix[k].run(units[free[k]], streamed=host.is_gpu)
+    tokens = options.prefill_tokens() * options.batch
+    return Layout(
+        skeleton, budgets, options, units, fixed, free, devices, gpus, host, tokens, suffix
+    )
+
+
+def _fixed_devices(
+    skeleton: Skeleton, units: list[_Unit], pinned: dict[int, tuple[str, Device]]
+) -> dict[int, Device]:
+    fixed: dict[int, Device] = {}
+    for index, unit in enumerate(units):
+        pins = {pinned[i] for i in unit.blocks if i in pinned}
+        devices = {device for _, device in pins}
+        if len(devices) > 1:
+            names = ", ".join(skeleton.blocks[i].name for i in unit.blocks)
+            detail = ", ".join(
+                f"{prefix!r} -> {device}" for prefix, device in sorted(pins, key=str)
+            )
+            raise PinError(
+                f"tied blocks ({names}) share weights but are pinned to different devices"
+                f" ({detail}); pin them to one device"
+            )
+        if devices:
+            fixed[index] = devices.pop()
+    return fixed
+
+
+# --- the fill pass ------------------------------------------------------------
+
+
+@dataclass
+class Fill:
+    where: list[Device]  # device per free unit placed so far
+    moves: list[tuple[int, Device, str]]  # (free position, device left, why)
+    loads: dict[Device, _Load]
+    failed: int | None = None  # free position that fit nowhere
+    over: list[Device] = field(default_factory=list)  # devices whose fixed load is too big
+
+    @property
+    def ok(self) -> bool:
+        return self.failed is None and not self.over
+
+    def start_remote(self, lay: Layout) -> int:
+        """k: the first free unit stored on a remote device (len(free) if none)."""
+        return next((k for k, d in enumerate(self.where) if lay.remote(d)), len(self.where))
+
+
+def _fixed_loads(lay: Layout) -> dict[Device, _Load]:
+    loads = {d: _Load() for d in lay.devices}
+    for index, device in lay.fixed.items():
+        unit = lay.units[index]
+        loads[device].weights += unit.weights
+        runs_on = lay.exec_device(device)
+        loads[runs_on].run(unit, streamed=device != runs_on and runs_on.is_gpu)
+    return loads
+
+
+def _fill(lay: Layout, assumed: int, targets: Sequence[float]) -> Fill:
+    """Walk free units in order onto devices in order, never going back.
+
+    `assumed`: free units from here on are taken to be remote, and their runtime
+    memory is reserved on the host up front. `targets[g]`: GPU g takes units while
+    the GPU-placed free weight (counted at each unit's midpoint) stays within it.
+    """
+    loads = _fixed_loads(lay)
+    host = loads[lay.host]
+    reserve = lay.suffix[assumed]
+    host.kv, host.logits = host.kv + reserve.kv, host.logits + reserve.logits
+    host.act, host.stage = max(host.act, reserve.act), max(host.stage, reserve.stage)
+    fill = Fill(where=[], moves=[], loads=loads)
+    di, gpu_weight = 0, 0
+    for pos, index in enumerate(lay.free):
+        unit = lay.units[index]
+        while di < len(lay.devices):
+            why = _refusal(lay, loads, lay.devices[di], unit, 2 * gpu_weight, targets)
+            if why is None:
+                break
+            fill.moves.append((pos, lay.devices[di], why))
+            di += 1
+        if di == len(lay.devices):
+            fill.failed = pos
+            return fill
+        device = lay.devices[di]
+        _charge(lay, loads, unit, device)
+        fill.where.append(device)
+        gpu_weight += unit.weights if device.is_gpu else 0
+    fill.over = [d for d in lay.devices if loads[d].total(lay.tokens) > lay.budgets[d]]
+    return fill
+
+
+def _refusal(
+    lay: Layout, loads: dict[Device, _Load], device: Device, unit: _Unit, twice_gpu: int,
+    targets: Sequence[float],
+) -> str | None:  # fmt: skip
+    """Why `unit` cannot go on `device` now ('share' or 'room'), or None if it can."""
+    budget, load = lay.budgets[device], loads[device]
+    if device.is_gpu:
+        g = lay.gpus.index(device)
+        if g < len(lay.gpus) - 1 and twice_gpu + unit.weights > 2 * targets[g]:
+            return "share"
+    if lay.remote(device):
+        return "room" if load.total(lay.tokens) + unit.weights > budget else None
+    return "room" if load.with_unit(unit, lay.tokens) > budget else None
+
+
+def _charge(lay: Layout, loads: dict[Device, _Load], unit: _Unit, device: Device) -> None:
+    loads[device].weights += unit.weights
+    if not lay.remote(device):  # remote units' runtime is in the host's up-front reserve
+        loads[device].run(unit, streamed=False)
+
+
+# --- strategies -------------------------------------------------------------
+
+
+def _refine(lay: Layout) -> Fill:
+    """Refine the host's reserve until the units assumed remote cover the real ones."""
+    assumed = len(lay.free)
+    for _ in range(_PASSES):
+        fill = _strategy_pass(lay, assumed)
+        if not fill.ok or fill.start_remote(lay) >= assumed:
+            return fill
+        assumed = fill.start_remote(lay)
+    return _strategy_pass(lay, 0)  # everything reserved: valid whatever ends up remote
+
+
+def _strategy_pass(lay: Layout, assumed: int) -> Fill:
+    unlimited = [math.inf] * len(lay.gpus)
+    seq = _fill(lay, assumed, unlimited)
+    if not seq.ok or lay.options.strategy == "sequential" or len(lay.gpus) < 2:
+        return seq
+    k = seq.start_remote(lay)
+    on_gpus = sum(lay.units[lay.free[p]].weights for p, d in enumerate(seq.where) if d.is_gpu)
+    if lay.options.strategy == "balanced":
+        candidates = [_shares(lay, lay.gpus, on_gpus, 0)]
+    else:
+        first = _prefix_weight(lay, _low0_start(lay, seq))
+        rest = _shares(lay, lay.gpus[1:], on_gpus - first, first)
+        candidates = [[first, *rest], [first, *unlimited[1:]]]
+    for targets in candidates:
+        alt = _fill(lay, assumed, targets)
+        if alt.ok and alt.start_remote(lay) >= k:
+            return alt
+    return seq  # balancing would push more off the GPUs: they are full anyway
+
+
+def _shares(lay: Layout, gpus: list[Device], free_weight: int, base: float) -> list[float]:
+    """Cumulative free-weight targets giving each GPU a share in proportion to its budget."""
+    fixed = _fixed_loads(lay)
+    pinned = [fixed[g].weights for g in gpus]
+    total_budget = sum(lay.budgets[g] for g in gpus) or 1
+    total = free_weight + sum(pinned)
+    targets, cumulative = [], base
+    for g, pin in zip(gpus, pinned, strict=True):
+        cumulative += max(0.0, total * lay.budgets[g] / total_budget - pin)
+        targets.append(cumulative)
+    return targets
+
+
+def _low0_start(lay: Layout, seq: Fill) -> int:
+    """Fewest leading free units GPU 0 must take: fill GPUs N..1 backwards from the end."""
+    loads = _fixed_loads(lay)
+    g = len(lay.gpus) - 1
+    for pos in range(seq.start_remote(lay) - 1, -1, -1):
+        unit = lay.units[lay.free[pos]]
+        while g > 0 and loads[lay.gpus[g]].with_unit(unit, lay.tokens) > lay.budgets[lay.gpus[g]]:
+            g -= 1
+        if g == 0:
+            return pos + 1
+        _charge(lay, loads, unit, lay.gpus[g])
+    return 0
+
+
+def _prefix_weight(lay: Layout, count: int) -> int:
+    return sum(lay.units[i].weights for i in lay.free[:count])
+
+
+def _stored(lay: Layout, fill: Fill) -> list[Device]:
+    """Storage device per block position."""
+    stored: list[Device] = [CPU] * len(lay.skeleton.blocks)
+    placed = {**lay.fixed, **{lay.free[pos]: d for pos, d in enumerate(fill.where)}}
+    for index, device in placed.items():
+        for i in lay.units[index].blocks:
+            stored[i] = device
+    return stored
+
+
+# --- when it does not fit -------------------------------------------------------
+
+
+def _does_not_fit(lay: Layout, fill: Fill) -> DoesNotFit:
+    sk, opts = lay.skeleton, lay.options
+    weights = sum(b.nbytes for b in sk.blocks)
+    kv = sum(_kv_bytes(b, opts.context, opts.batch) for b in sk.blocks)
+    workspace = max((b.act_bytes_per_token for b in sk.blocks), default=0) * lay.tokens
+    logits = sk.logits_bytes_per_token * opts.logits_tokens() * opts.batch if sk.output_block else 0
+    need, have = weights + kv + workspace + logits, sum(lay.budgets.values())
+    budgets = ", ".join(f"{d} {format_size(b)}" for d, b in lay.budgets.items())
+    if need > have:
+        short = need - have
+        what = (
+            f"it needs at least {format_size(need)} (weights {format_size(weights)}, KV cache"
+            f" {format_size(kv)} for context {opts.context} x batch {opts.batch}, workspace"
+            f" {format_size(workspace)}, logits {format_size(logits)}) but the budgets total"
+            f" {format_size(have)} ({budgets}): {format_size(short)} short"
+        )
+    elif fill.failed is not None:
+        unit = lay.units[lay.free[fill.failed]]
+        name = list_names([sk.blocks[i].name for i in unit.blocks])
+        short = unit.weights
+        what = (
+            f"the budgets total {format_size(have)} ({budgets}), but {name}"
+            f" ({format_size(unit.weights)}) fits on no device after the blocks before it and"
+            " the runtime reserves (KV cache, workspace, staging) each device must keep"
+        )
+    else:
+        device = fill.over[0]
+        load = fill.loads[device]
+        short = load.total(lay.tokens) - lay.budgets[device]
+        what = (
+            f"{device} must hold {format_size(load.total(lay.tokens))} (weights pinned there"
+            f" {format_size(load.weights)}, KV cache {format_size(load.kv)}, workspace"
+            f" {format_size(load.act * lay.tokens)}, logits {format_size(load.logits)}, staging"
+            f" {format_size(2 * load.stage)}) but its budget is"
+            f" {format_size(lay.budgets[device])}: {format_size(short)} short"
+        )
+    suggestions = _suggestions(lay)
+    advice = "; or ".join(suggestions) if suggestions else "give the devices larger budgets"
+    return DoesNotFit(
+        f"{sk.source.name} does not fit: {what}. To make it fit: {advice}",
+        shortfall=short,
+        suggestions=suggestions,
+    )
+
+
+def _fits(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions) -> Fill | None:
+    fill = _refine(_layout(skeleton, dict(budgets), options))
+    return fill if fill.ok else None
+
+
+def _suggestions(lay: Layout) -> tuple[str, ...]:
+    """Changes that were checked to make the plan fit, each on its own."""
+    sk, budgets, opts = lay.skeleton, dict(lay.budgets), lay.options
+    found: list[str] = []
+    half = _rescaled(sk, torch.bfloat16)
+    if half is not None and _fits(half, budgets, opts):
+        found.append(
+            f"--dtype bfloat16 instead of {dtype_name(sk.dtype)} (weights"
+            f" {format_size(sum(b.nbytes for b in half.blocks))})"
+        )
+    context = largest(1, opts.context - 1, lambda c: _fits(sk, budgets, _at(opts, context=c)))
+    if context:
+        found.append(f"--context {context} instead of {opts.context}")
+    batch = largest(1, opts.batch - 1, lambda b: _fits(sk, budgets, _at(opts, batch=b)))
+    if batch:
+        found.append(f"--batch {batch} instead of {opts.batch}")
+    cpu_exec = _at(opts, offload_exec="cpu")
+    if lay.host.is_gpu and CPU in budgets and _fits(sk, budgets, cpu_exec):
+        found.append("--offload-exec cpu (run offloaded blocks on the CPU)")
+    found += _memory_suggestions(lay)
+    return tuple(found)
+
+
+def _memory_suggestions(lay: Layout) -> list[str]:
+    sk, budgets, opts = lay.skeleton, dict(lay.budgets), lay.options
+    found: list[str] = []
+    weights = sum(b.nbytes for b in sk.blocks)
+    if DISK not in budgets:
+        fill = _fits(sk, {**budgets, DISK: weights}, opts)
+        if fill is not None:
+            on_disk = fill.loads[DISK].weights
+            found.append(f"add --max-memory disk={_ceil_gib(on_disk)}GiB")
+    base = budgets.get(CPU, 0)
+    top = base + weights + sum(b.kv_bytes_per_token for b in sk.blocks) * opts.context * opts.batch
+    top += sum(b.act_bytes_per_token for b in sk.blocks[:1]) * lay.tokens + 2 * _GIB
+    gib = _smallest(
+        _ceil_gib(base), _ceil_gib(top), lambda n: _fits(sk, {**budgets, CPU: n * _GIB}, opts)
+    )
+    if gib is not None:
+        flag = f"--max-memory cpu={gib}GiB"
+        found.append(
+            f"raise the cpu budget to {gib}GiB ({flag})" if CPU in budgets else f"add {flag}"
+        )
+    return found
+
+
+def _rescaled(skeleton: Skeleton, dtype: torch.dtype) -> Skeleton | None:
+    """The skeleton at a smaller floating dtype (sizes scaled), or None if not smaller."""
+    old, new = skeleton.dtype.itemsize, dtype.itemsize
+    if not skeleton.dtype.is_floating_point or new >= old:
+        return None
+    blocks = tuple(
+        dataclasses.replace(
+            b,
+            nbytes=b.nbytes * new // old,
+            kv_bytes_per_token=b.kv_bytes_per_token * new // old,
+            act_bytes_per_token=b.act_bytes_per_token * new // old,
+        )
+        for b in skeleton.blocks
+    )
+    return dataclasses.replace(skeleton, blocks=blocks, dtype=dtype)
+
+
+def _at(options: PlanOptions, **changes: Any) -> PlanOptions:
+    return dataclasses.replace(options, **changes)
+
+
+def largest(low: int, high: int, ok: Callable[[int], object]) -> int | None:
+    """Largest n in [low, high] with ok(n), for ok monotone (true below some n); None if none."""
+    if high < low or not ok(low):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if ok(middle) else (low, middle - 1)
+    return low
+
+
+def _smallest(low: int, high: int, ok: Callable[[int], object]) -> int | None:
+    """Smallest n in [low, high] with ok(n), for ok monotone (false below some n)."""
+    if high < low or not ok(high):
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if ok(middle) else (middle + 1, high)
+    return low
+
+
+def _ceil_gib(nbytes: int) -> int:
+    return max(1, -(-nbytes // _GIB))
+
+
+# --- block names in messages ----------------------------------------------------
+
+
+def list_names(names: Sequence[str]) -> str:
+    """Block names for a message, runs compressed: "model.layers.0-3, lm_head" ("" if none)."""
+    return ", ".join(compress_names(names))
+
+
+_NUMBERED = re.compile(r"^(.*\.)(\d+)$")
+
+
+def compress_names(names: Sequence[str]) -> list[str]:
+    """["model.layers.0", "model.layers.1", "lm_head"] -> ["model.layers.0-1", "lm_head"]."""
+    out: list[str] = []
+    run: tuple[str, int, int] | None = None  # (stem, first, last)
+    for name in names:
+        match = _NUMBERED.match(name)
+        if match and run and run[0] == match.group(1) and int(match.group(2)) == run[2] + 1:
+            run = (run[0], run[1], run[2] + 1)
+            continue
+        if run:
+            out.append(_run_name(run))
+        run = (match.group(1), int(match.group(2)), int(match.group(2))) if match else None
+        if not match:
+            out.append(name)
+    if run:
+        out.append(_run_name(run))
+    return out
+
+
+def _run_name(run: tuple[str, int, int]) -> str:
+    stem, first, last = run
+    return f"{stem}{first}" if first == last else f"{stem}{first}-{last}"
