@@ -177,8 +177,9 @@ def test_prompt_and_new_tokens_past_the_model(llama: Path) -> None:
     # without --context, run plans for prompt + new tokens, capped at the model's 512 positions
     result = invoke("run", llama, "-p", "hi", "--max-new-tokens", 600)
     assert result.exit_code == 1
-    assert "21 tokens + 600 new = 621, the plan holds 512; lower --max-new-tokens to 491" in (
-        result.stderr
+    assert (
+        "21 tokens + 600 new = 621, but the model holds at most 512 tokens;"
+        " lower --max-new-tokens to 491" in result.stderr
     )
 
 
