@@ -17,8 +17,7 @@ O(blocks x devices) per pass, a constant number of passes. Cost model, per devic
 Disk holds weights only; blocks stored on cpu/disk keep their KV and workspace
 on their execution device. Tied blocks form one unit that goes to one device; pins
 fix a unit's device. The host (where cpu/disk-stored blocks execute) reserves their
-runtime memory up front; `_refine` narrows that reserve over a few passes. When
-nothing fits, DoesNotFit says by how much and lists changes checked to make it fit.
+runtime memory up front; `_refine` narrows that reserve over a few passes.
 """
 
 from __future__ import annotations
@@ -27,21 +26,18 @@ import dataclasses
 import difflib
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import torch
-
-from .devices import CPU, DISK, Device, format_size
-from .errors import DoesNotFit, PinError
-from .skeleton import Block, Skeleton, dtype_name
+from .devices import CPU, Device
+from .errors import PinError
+from .skeleton import Block, Skeleton, connected_groups
 
 if TYPE_CHECKING:
     from .plan import PlanOptions
 
 _PASSES = 3  # reserve refinements before the always-valid pessimistic pass
-_GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -49,16 +45,17 @@ class Placement:
     """Where each block is stored, and the layout and fill pass that put it there."""
 
     layout: Layout
-    fill: Fill
-    stored: list[Device]  # storage device per block position
+    fill: Fill  # fill.ok: every block has a device and every budget holds
+    stored: list[Device]  # storage device per block position (complete when fill.ok)
 
 
 def place(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions) -> Placement:
-    """Store every block on a device of `budgets` (placement order); DoesNotFit if none fits."""
+    """Store every block on a device of `budgets`, walked in their order.
+
+    Check `fill.ok`: when it is false, `shortfall.does_not_fit` says why and what would fit.
+    """
     lay = _layout(skeleton, budgets, options)
     fill = _refine(lay)
-    if not fill.ok:
-        raise _does_not_fit(lay, fill)
     return Placement(lay, fill, _stored(lay, fill))
 
 
@@ -122,23 +119,12 @@ class _Unit:
 
 def _units(skeleton: Skeleton, options: PlanOptions) -> list[_Unit]:
     position = {b.name: i for i, b in enumerate(skeleton.blocks)}
-    parent = list(range(len(skeleton.blocks)))  # union-find over tied blocks
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    pairs: list[tuple[int, int]] = []
     for group in skeleton.tied:
         members = [position[name] for name in group if name in position]
-        for i in members[1:]:
-            a, b = root(members[0]), root(i)
-            parent[max(a, b)] = min(a, b)  # the root is the group's first block
-    groups: dict[int, list[int]] = {}
-    for i in range(len(parent)):
-        groups.setdefault(root(i), []).append(i)
-    return [_unit(skeleton, members, options) for members in groups.values()]
+        pairs += [(members[0], i) for i in members[1:]]
+    groups = connected_groups(pairs, range(len(skeleton.blocks)))  # each led by its first block
+    return [_unit(skeleton, members, options) for members in groups]
 
 
 def _unit(skeleton: Skeleton, members: list[int], options: PlanOptions) -> _Unit:
@@ -147,7 +133,7 @@ def _unit(skeleton: Skeleton, members: list[int], options: PlanOptions) -> _Unit
     return _Unit(
         blocks=tuple(members),
         weights=sum(b.nbytes for b in blocks),
-        kv=sum(_kv_bytes(b, options.context, options.batch) for b in blocks),
+        kv=sum(kv_bytes(b, options.context, options.batch) for b in blocks),
         act=max(b.act_bytes_per_token for b in blocks),
         stage=max(b.nbytes for b in blocks),
         logits=skeleton.logits_bytes_per_token * options.logits_tokens() * options.batch
@@ -156,7 +142,7 @@ def _unit(skeleton: Skeleton, members: list[int], options: PlanOptions) -> _Unit
     )
 
 
-def _kv_bytes(block: Block, context: int, batch: int) -> int:
+def kv_bytes(block: Block, context: int, batch: int) -> int:
     """KV cache of one block: a sliding window caches at most `kv_window` tokens."""
     tokens = context if block.kv_window is None else min(context, block.kv_window)
     return block.kv_bytes_per_token * tokens * batch
@@ -410,150 +396,6 @@ def _stored(lay: Layout, fill: Fill) -> list[Device]:
         for i in lay.units[index].blocks:
             stored[i] = device
     return stored
-
-
-# --- when it does not fit -------------------------------------------------------
-
-
-def _does_not_fit(lay: Layout, fill: Fill) -> DoesNotFit:
-    sk, opts = lay.skeleton, lay.options
-    weights = sum(b.nbytes for b in sk.blocks)
-    kv = sum(_kv_bytes(b, opts.context, opts.batch) for b in sk.blocks)
-    workspace = max((b.act_bytes_per_token for b in sk.blocks), default=0) * lay.tokens
-    logits = sk.logits_bytes_per_token * opts.logits_tokens() * opts.batch if sk.output_block else 0
-    need, have = weights + kv + workspace + logits, sum(lay.budgets.values())
-    budgets = ", ".join(f"{d} {format_size(b)}" for d, b in lay.budgets.items())
-    if need > have:
-        short = need - have
-        what = (
-            f"it needs at least {format_size(need)} (weights {format_size(weights)}, KV cache"
-            f" {format_size(kv)} for context {opts.context} x batch {opts.batch}, workspace"
-            f" {format_size(workspace)}, logits {format_size(logits)}) but the budgets total"
-            f" {format_size(have)} ({budgets}): {format_size(short)} short"
-        )
-    elif fill.failed is not None:
-        unit = lay.units[lay.free[fill.failed]]
-        name = list_names([sk.blocks[i].name for i in unit.blocks])
-        short = unit.weights
-        what = (
-            f"the budgets total {format_size(have)} ({budgets}), but {name}"
-            f" ({format_size(unit.weights)}) fits on no device after the blocks before it and"
-            " the runtime reserves (KV cache, workspace, staging) each device must keep"
-        )
-    else:
-        device = fill.over[0]
-        load = fill.loads[device]
-        short = load.total(lay.tokens) - lay.budgets[device]
-        what = (
-            f"{device} must hold {format_size(load.total(lay.tokens))} (weights pinned there"
-            f" {format_size(load.weights)}, KV cache {format_size(load.kv)}, workspace"
-            f" {format_size(load.act * lay.tokens)}, logits {format_size(load.logits)}, staging"
-            f" {format_size(2 * load.stage)}) but its budget is"
-            f" {format_size(lay.budgets[device])}: {format_size(short)} short"
-        )
-    suggestions = _suggestions(lay)
-    advice = "; or ".join(suggestions) if suggestions else "give the devices larger budgets"
-    return DoesNotFit(
-        f"{sk.source.name} does not fit: {what}. To make it fit: {advice}",
-        shortfall=short,
-        suggestions=suggestions,
-    )
-
-
-def _fits(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions) -> Fill | None:
-    fill = _refine(_layout(skeleton, dict(budgets), options))
-    return fill if fill.ok else None
-
-
-def _suggestions(lay: Layout) -> tuple[str, ...]:
-    """Changes that were checked to make the plan fit, each on its own."""
-    sk, budgets, opts = lay.skeleton, dict(lay.budgets), lay.options
-    found: list[str] = []
-    half = _rescaled(sk, torch.bfloat16)
-    if half is not None and _fits(half, budgets, opts):
-        found.append(
-            f"--dtype bfloat16 instead of {dtype_name(sk.dtype)} (weights"
-            f" {format_size(sum(b.nbytes for b in half.blocks))})"
-        )
-    context = largest(1, opts.context - 1, lambda c: _fits(sk, budgets, _at(opts, context=c)))
-    if context:
-        found.append(f"--context {context} instead of {opts.context}")
-    batch = largest(1, opts.batch - 1, lambda b: _fits(sk, budgets, _at(opts, batch=b)))
-    if batch:
-        found.append(f"--batch {batch} instead of {opts.batch}")
-    cpu_exec = _at(opts, offload_exec="cpu")
-    if lay.host.is_gpu and CPU in budgets and _fits(sk, budgets, cpu_exec):
-        found.append("--offload-exec cpu (run offloaded blocks on the CPU)")
-    found += _memory_suggestions(lay)
-    return tuple(found)
-
-
-def _memory_suggestions(lay: Layout) -> list[str]:
-    sk, budgets, opts = lay.skeleton, dict(lay.budgets), lay.options
-    found: list[str] = []
-    weights = sum(b.nbytes for b in sk.blocks)
-    if DISK not in budgets:
-        fill = _fits(sk, {**budgets, DISK: weights}, opts)
-        if fill is not None:
-            on_disk = fill.loads[DISK].weights
-            found.append(f"add --max-memory disk={_ceil_gib(on_disk)}GiB")
-    base = budgets.get(CPU, 0)
-    top = base + weights + sum(b.kv_bytes_per_token for b in sk.blocks) * opts.context * opts.batch
-    top += sum(b.act_bytes_per_token for b in sk.blocks[:1]) * lay.tokens + 2 * _GIB
-    gib = _smallest(
-        _ceil_gib(base), _ceil_gib(top), lambda n: _fits(sk, {**budgets, CPU: n * _GIB}, opts)
-    )
-    if gib is not None:
-        flag = f"--max-memory cpu={gib}GiB"
-        found.append(
-            f"raise the cpu budget to {gib}GiB ({flag})" if CPU in budgets else f"add {flag}"
-        )
-    return found
-
-
-def _rescaled(skeleton: Skeleton, dtype: torch.dtype) -> Skeleton | None:
-    """The skeleton at a smaller floating dtype (sizes scaled), or None if not smaller."""
-    old, new = skeleton.dtype.itemsize, dtype.itemsize
-    if not skeleton.dtype.is_floating_point or new >= old:
-        return None
-    blocks = tuple(
-        dataclasses.replace(
-            b,
-            nbytes=b.nbytes * new // old,
-            kv_bytes_per_token=b.kv_bytes_per_token * new // old,
-            act_bytes_per_token=b.act_bytes_per_token * new // old,
-        )
-        for b in skeleton.blocks
-    )
-    return dataclasses.replace(skeleton, blocks=blocks, dtype=dtype)
-
-
-def _at(options: PlanOptions, **changes: Any) -> PlanOptions:
-    return dataclasses.replace(options, **changes)
-
-
-def largest(low: int, high: int, ok: Callable[[int], object]) -> int | None:
-    """Largest n in [low, high] with ok(n), for ok monotone (true below some n); None if none."""
-    if high < low or not ok(low):
-        return None
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if ok(middle) else (low, middle - 1)
-    return low
-
-
-def _smallest(low: int, high: int, ok: Callable[[int], object]) -> int | None:
-    """Smallest n in [low, high] with ok(n), for ok monotone (false below some n)."""
-    if high < low or not ok(high):
-        return None
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if ok(middle) else (middle + 1, high)
-    return low
-
-
-def _ceil_gib(nbytes: int) -> int:
-    return max(1, -(-nbytes // _GIB))
 
 
 # --- block names in messages ----------------------------------------------------

@@ -23,8 +23,9 @@ import torch
 
 from .devices import CPU, Device, DeviceLike, SizeLike, format_size, parse_device
 from .errors import DevicemapError, PinError, PlanError, PlanMismatch
-from .place import Layout, Placement, largest, list_names, pin_covers, place
+from .place import Layout, Placement, list_names, pin_covers, place
 from .place import compress_names as compress_names  # re-exported: the CLI imports it from here
+from .shortfall import does_not_fit, largest
 from .skeleton import Skeleton, build_skeleton, dtype_name
 
 Strategy = Literal["sequential", "balanced", "balanced_low_0"]
@@ -350,6 +351,8 @@ def make_plan(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOp
     _check_options(skeleton, budgets, options)
     budgets = dict(sorted(budgets.items(), key=lambda item: item[0].sort_key))
     placed = place(skeleton, budgets, options)
+    if not placed.fill.ok:
+        raise does_not_fit(placed)
     lay, stored = placed.layout, placed.stored
     tallies = _tallies(lay, stored)
     devices = tuple(tallies[d].usage(d, budgets[d], options, options.context) for d in budgets)

@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,6 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .checkpoint import ModelSource, resolve_model
 from .errors import ConfigError
 from .memory import act_bytes_per_token, block_kv, kv_layers, logits_bytes_per_token
+
+H = TypeVar("H", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -521,25 +523,28 @@ def tied_groups(module: torch.nn.Module, parts: list[_Part]) -> tuple[tuple[str,
         keys.append((first_name.setdefault(id(param), name), name))
     names = {p.name for p in parts}
     pairs = [(_owner(one, names), _owner(other, names)) for one, other in keys]
-    return _union(pairs, [p.name for p in parts])
+    groups = connected_groups(pairs, [p.name for p in parts])
+    return tuple(tuple(g) for g in groups if len(g) > 1)
 
 
-def _union(pairs: list[tuple[str, str]], order: list[str]) -> tuple[tuple[str, ...], ...]:
-    """Connected groups (of two or more) of the pairs' names, each and all in `order`."""
-    parent = {name: name for name in order}
+def connected_groups(pairs: Iterable[tuple[H, H]], order: Iterable[H]) -> list[list[H]]:
+    """The items of `order` grouped by the `pairs` joining them (pairs naming others are
+    ignored): singletons included, each group and the groups in `order` (union-find)."""
+    parent = {item: item for item in order}
 
-    def root(name: str) -> str:
-        while parent[name] != name:
-            name = parent[name]
-        return name
+    def root(item: H) -> H:
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]  # path halving
+            item = parent[item]
+        return item
 
     for a, b in pairs:
         if a in parent and b in parent:
             parent[root(a)] = root(b)
-    groups: dict[str, list[str]] = {}
-    for name in order:
-        groups.setdefault(root(name), []).append(name)
-    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+    groups: dict[H, list[H]] = {}
+    for item in parent:
+        groups.setdefault(root(item), []).append(item)
+    return list(groups.values())
 
 
 def output_block(module: torch.nn.Module, parts: list[_Part]) -> str | None:
