@@ -226,17 +226,17 @@ def _options_from_json(data: dict[str, Any]) -> PlanOptions:
     )
 
 
+_USAGE_BYTES = ("budget", "weights", "kv_cache", "workspace", "logits", "staging")  # the fields
+
+
 def _usage_to_json(usage: DeviceUsage) -> dict[str, Any]:
-    fields = ("budget", "weights", "kv_cache", "workspace", "logits", "staging", "used", "free")
-    return {"device": str(usage.device), **{name: getattr(usage, name) for name in fields}}
+    names = (*_USAGE_BYTES, "used", "free")  # the totals too, for readers of the JSON
+    return {"device": str(usage.device), **{name: getattr(usage, name) for name in names}}
 
 
 def _usage_from_json(data: dict[str, Any]) -> DeviceUsage:
-    return DeviceUsage(
-        device=parse_device(data["device"]),
-        **{k: int(data[k]) for k in ("budget", "weights", "kv_cache", "workspace")},
-        **{k: int(data[k]) for k in ("logits", "staging")},
-    )
+    sizes = {name: int(data[name]) for name in _USAGE_BYTES}
+    return DeviceUsage(device=parse_device(data["device"]), **sizes)
 
 
 # --- the public wrapper -----------------------------------------------------
