@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 import torch
 
+from devicemap import offload
 from devicemap.dispatch import _STATE, dispatch
 from devicemap.errors import OffloadError
 from devicemap.offload import (
     ALIGN,
     PAGE,
+    QUIET_MAX,
     GpuStreamer,
     PagePrefetcher,
     Successors,
@@ -153,6 +155,37 @@ def test_prefetcher_faults_in_the_next_block(disk_llama: tuple[Any, Any, Path]) 
         assert resident(list(blocks[1].host)) == 1.0
         assert resident(list(blocks[0].host)) == 0.0  # nobody asked for the running block
         assert list(prefetcher.requests) == ["model.layers.3"]
+    finally:
+        prefetcher.close()
+
+
+def test_resident_blocks_are_checked_ever_less_often_missing_ones_every_pass(
+    disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, plan, _ = disk_llama
+    disk = [n for n, v in plan.device_map.items() if v == "disk"]
+    blocks = [block_weights(n, model.get_submodule(n)) for n in disk]
+    missing = {"now": False}  # what the worker's residency check finds
+    monkeypatch.setattr(offload, "fault_in", lambda pages: missing["now"])
+    prefetcher = PagePrefetcher(blocks, depth=1)
+
+    def checks_in(passes: int) -> int:
+        before = len(prefetcher.checks)
+        for _ in range(passes):
+            for name in disk:
+                prefetcher.enter(name)
+                prefetcher.wait()
+        return len(prefetcher.checks) - before
+
+    try:
+        assert checks_in(1) == 3  # each block once, as the one after the running block
+        assert checks_in(1) == 0  # all found resident: quiet for one pass
+        # quiet 1, 2, 4 .. QUIET_MAX passes: a handful of checks, not 3 per pass
+        assert checks_in(300) <= 3 * (7 + 300 // QUIET_MAX + 1)
+        missing["now"] = True
+        checks_in(QUIET_MAX + 1)  # every quiet period runs out; the check finds pages missing
+        assert checks_in(5) == 15  # pages keep going missing: checked on every pass again
+        assert len(prefetcher.requests) == 3 * (1 + 1 + 300 + QUIET_MAX + 1 + 5)  # all asked
     finally:
         prefetcher.close()
 
