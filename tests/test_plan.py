@@ -305,6 +305,20 @@ def test_does_not_fit_says_by_how_much_and_what_would_fit():
         assert text in str(exc)
 
 
+def test_suggested_cpu_budget_is_checked_in_placement_order():
+    # budgets without cpu: the suggested cpu budget must fit with cpu placed before disk
+    sk = skeleton_of(layers(100, nbytes=GIB, kv=1000), max_positions=10_000)
+    budgets = {GPU0: 40 * GIB, DISK: 10 * GIB}
+    with pytest.raises(DoesNotFit) as err:
+        make_plan(sk, budgets, opts(context=1024))
+    (cpu,) = [s for s in err.value.suggestions if s.startswith("add --max-memory cpu=")]
+    gib = int(cpu.removeprefix("add --max-memory cpu=").split("GiB")[0])
+    fitted = make_plan(sk, {**budgets, CPU: gib * GIB}, opts(context=1024))
+    assert [u.device for u in fitted.devices] == [GPU0, CPU, DISK]
+    with pytest.raises(DoesNotFit):
+        make_plan(sk, {**budgets, CPU: (gib - 1) * GIB}, opts(context=1024))
+
+
 def test_does_not_fit_suggests_the_context_and_batch_that_fit():
     sk = skeleton_of(layers(2, kv=10), max_positions=1000)
     with pytest.raises(DoesNotFit) as err:

@@ -72,7 +72,8 @@ def does_not_fit(placed: Placement) -> DoesNotFit:
 
 
 def _fits(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions) -> Fill | None:
-    fill = place(skeleton, dict(budgets), options).fill
+    ordered = dict(sorted(budgets.items(), key=lambda item: item[0].sort_key))  # as make_plan
+    fill = place(skeleton, ordered, options).fill
     return fill if fill.ok else None
 
 
