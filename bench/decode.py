@@ -7,7 +7,7 @@ the offloaded files are evicted from the page cache, and the step is compared wi
 disk bound (offloaded bytes / measured sequential read speed of the same files).
 
     python bench/decode.py                      # smollm fp32 + tinyllama bf16, 0/50/75 % on disk
-    python bench/decode.py --models smollm --fractions 0.75 --cold-steps 3
+    python bench/decode.py --models smollm --fractions 0.75 --cold-rounds 3
 """
 
 from __future__ import annotations
@@ -135,23 +135,28 @@ def bench_one(shape: str, fraction: float, args: argparse.Namespace) -> dict[str
         row.update({f"{k}_tok_s": v for k, v in rate.items()})
         row["dm/ram"] = rate["devicemap"] / rate["ram"]
         row["dm/acc"] = rate["devicemap"] / rate["accelerate"]
-        if fraction > 0 and args.cold_steps:
-            row.update(cold(path, device_map, dm, acc, args.cold_steps))
+        if fraction > 0 and args.cold_rounds:
+            row.update(cold(path, device_map, dm, acc, args.cold_rounds))
         del acc, ram
     devicemap.release(dm)
     gc.collect()
     return row
 
 
-def cold(path: Path, device_map: dict[str, Any], dm: Any, acc: Any, steps: int) -> dict[str, Any]:
+def cold(path: Path, device_map: dict[str, Any], dm: Any, acc: Any, rounds: int) -> dict[str, Any]:
+    """Per round: one cold sequential read of the files (the bound), then two cold decode
+    steps of each engine. Interleaved, because this disk's speed drifts 2x within minutes."""
     files, nbytes = offloaded_files(path, device_map)
-    speed = median([read_speed(files) for _ in range(2)])
-    bound = speed / nbytes  # tokens/s if each step had to read every offloaded byte once
-    dm_rate = 1 / decode_steps(dm, steps, lambda: evict(files))
-    acc_rate = 1 / decode_steps(acc, steps, lambda: evict(files))
+    reads, dm_steps, acc_steps = [], [], []
+    for _ in range(rounds):
+        reads.append(nbytes / read_speed(files))  # seconds to read every offloaded byte once
+        dm_steps.append(decode_steps(dm, 2, lambda: evict(files)))
+        acc_steps.append(decode_steps(acc, 2, lambda: evict(files)))
+    bound = 1 / median(reads)  # tokens/s if each step had to read every offloaded byte once
+    dm_rate, acc_rate = 1 / median(dm_steps), 1 / median(acc_steps)
     return {
         "offloaded_MB": nbytes / 1e6,
-        "read_MB_s": speed / 1e6,
+        "read_MB_s": nbytes / median(reads) / 1e6,
         "cold_bound_tok_s": bound,
         "cold_dm_tok_s": dm_rate,
         "cold_acc_tok_s": acc_rate,
@@ -165,7 +170,7 @@ def main() -> None:
     parser.add_argument("--fractions", default="0,0.5,0.75")
     parser.add_argument("--tokens", type=int, default=24, help="decode steps per run")
     parser.add_argument("--runs", type=int, default=3, help="runs per engine (median)")
-    parser.add_argument("--cold-steps", type=int, default=4, help="cold decode steps; 0 skips")
+    parser.add_argument("--cold-rounds", type=int, default=5, help="cold rounds; 0 skips")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [

@@ -233,7 +233,14 @@ class PagePrefetcher:
         weakref.finalize(self, self._jobs.put, None)  # dropped without close(): thread ends
 
     def begin(self) -> None:
-        self._request_from(self._predict.peek(), running=None)
+        """A forward starts: check its first blocks now, even if quiet or asked for already.
+
+        The last forward's wrap-around asked for them while their pages were still in
+        memory; they may have gone since (a cold cache, or a model larger than the page
+        cache, whose LRU drops exactly the blocks used longest ago).
+        """
+        self._recent.clear()
+        self._request_from(self._predict.peek(), running=None, force=True)
 
     def enter(self, name: str) -> None:
         self._request_from(self._predict.observe(name), running=name)
@@ -250,7 +257,7 @@ class PagePrefetcher:
         self._thread.join()
         self._pages.clear()
 
-    def _request_from(self, name: str, *, running: str | None) -> None:
+    def _request_from(self, name: str, *, running: str | None, force: bool = False) -> None:
         """Ask for `name` and the blocks expected after it, `depth` in all."""
         for _ in range(self._depth):
             if name == running:
@@ -258,13 +265,13 @@ class PagePrefetcher:
             if name not in self._recent:  # already on its way
                 self._recent.append(name)
                 self.requests.append(name)
-                self._check(name)
+                self._check(name, force=force)
             name = self._predict.after(name)
 
-    def _check(self, name: str) -> None:
-        """Hand `name` to the worker, unless it was found resident lately."""
+    def _check(self, name: str, *, force: bool = False) -> None:
+        """Hand `name` to the worker, unless it was found resident lately (and not forced)."""
         left = self._quiet.get(name, 0)
-        if left > 0:
+        if left > 0 and not force:
             self._quiet[name] = left - 1
             return
         self.checks.append(name)
