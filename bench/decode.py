@@ -40,16 +40,18 @@ def disk_pins(path: Path, fraction: float) -> dict[str, str]:
     return {f"model.layers.{i}": "disk" for i in range(first, n)}
 
 
+def plan_options(path: Path, fraction: float) -> dict[str, Any]:
+    """The planning options of every CPU-execution benchmark: `fraction` of layers on disk."""
+    return {
+        "max_memory": {"cpu": "20GiB", "disk": "200GiB"},
+        "pins": disk_pins(path, fraction),
+        "offload_exec": "cpu",
+        "context": 512,
+    }
+
+
 def load_devicemap(path: Path, dtype: torch.dtype, fraction: float) -> Any:
-    return devicemap.load(
-        path,
-        dtype=dtype,
-        max_memory={"cpu": "20GiB", "disk": "200GiB"},
-        pins=disk_pins(path, fraction),
-        offload_exec="cpu",
-        context=512,
-        progress=False,
-    )
+    return devicemap.load(path, dtype=dtype, progress=False, **plan_options(path, fraction))
 
 
 def load_accelerate(path: Path, dtype: torch.dtype, device_map: dict[str, Any], tmp: str) -> Any:
@@ -58,19 +60,31 @@ def load_accelerate(path: Path, dtype: torch.dtype, device_map: dict[str, Any], 
     ).eval()
 
 
-def decode_steps(model: Any, steps: int, before_step: Callable[[], None] | None = None) -> float:
-    """Median seconds per decode step after a 16-token prefill (greedy, KV cache)."""
+def decode_steps(
+    model: Any,
+    steps: int,
+    before_step: Callable[[], None] | None = None,
+    *,
+    device: str = "cpu",
+) -> float:
+    """Median seconds per decode step after a 16-token prefill (greedy, KV cache).
+
+    On cuda the device is synchronised around each step: the benchmark's clock, not the
+    hot path's."""
     ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     with torch.inference_mode():
-        out = model(ids, use_cache=True)
+        out = model(ids.to(device), use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             if before_step is not None:
                 before_step()
+            sync()
             start = time.perf_counter()
             out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
+            sync()
             times.append(time.perf_counter() - start)
     return median(times)
 

@@ -12,7 +12,6 @@ the offloaded bytes once per token at the measured pinned host-to-device bandwid
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import devicemap
-from decode import disk_pins
+from decode import decode_steps, disk_pins
 from models import bench_model
 from report import median, write
 
@@ -40,24 +39,6 @@ def h2d_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
     return nbytes / median(times[2:])
 
 
-def step_time(model: Any, steps: int) -> float:
-    """Median seconds per decode step after a 16-token prefill, the device synchronised."""
-    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    ids = ids.to("cuda")
-    times = []
-    with torch.inference_mode():
-        out = model(ids, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            torch.cuda.synchronize()  # the benchmark's own clock, not the hot path's
-            start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return median(times)
-
-
 def cpu_pins(path: Path, fraction: float) -> dict[str, str]:
     return {name: "cpu" for name in disk_pins(path, fraction)}
 
@@ -73,7 +54,7 @@ def bench_one(path: Path, dtype: torch.dtype, fraction: float, args: Any) -> dic
     runs: dict[str, list[float]] = {"resident": [], "devicemap": [], "accelerate": []}
     for _ in range(args.runs):  # alternate, so drift hits all three alike
         for name, model in (("resident", resident), ("devicemap", dm), ("accelerate", acc)):
-            runs[name].append(1 / step_time(model, args.tokens))
+            runs[name].append(1 / decode_steps(model, args.tokens, device="cuda"))
     rate = {name: median(v) for name, v in runs.items()}
     bandwidth = h2d_bandwidth()
     bound = bandwidth / offloaded  # tokens/s if each step moved every offloaded byte once

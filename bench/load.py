@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from decode import MODELS, disk_pins, load_devicemap
+from decode import MODELS, load_devicemap, plan_options
 from models import bench_model
 from report import median, write
 
@@ -57,14 +57,7 @@ def child(engine: str, shape: str, fraction: float) -> None:
 def _plan(path: Path, dtype: torch.dtype, fraction: float) -> Any:
     import devicemap
 
-    return devicemap.plan(
-        path,
-        dtype=dtype,
-        max_memory={"cpu": "20GiB", "disk": "200GiB"},
-        pins=disk_pins(path, fraction),
-        offload_exec="cpu",
-        context=512,
-    )
+    return devicemap.plan(path, dtype=dtype, **plan_options(path, fraction))
 
 
 def run_child(engine: str, shape: str, fraction: float) -> dict[str, float]:
