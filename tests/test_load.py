@@ -21,6 +21,7 @@ import torch
 
 import devicemap
 import devicemap.load
+import devicemap.reader
 from devicemap import convert
 from devicemap.checkpoint import read_index
 from devicemap.devices import format_size, parse_device
@@ -177,9 +178,28 @@ def test_all_disk_parameters_are_the_checkpoint_file(
     assert torch.equal(logits(model, "llama"), logits(reference(path, "llama"), "llama"))
 
 
-def test_cpu_parameters_are_not_file_backed(tiny_models: dict[str, Path]) -> None:
-    model = hand_load(tiny_models["llama"], lambda s: every_block(s, "cpu"))
+def test_cpu_parameters_are_the_checkpoint_copy_on_write(tiny_models: dict[str, Path]) -> None:
+    """Same dtype: the file's pages, mapped in at load (no copy); a write stays private."""
+    path = tiny_models["llama"]
+    shards = {f: f.read_bytes() for f in path.glob("*.safetensors")}
+    model = hand_load(path, lambda s: every_block(s, "cpu"))
     spans = mapped_files()
+    params = dict(model.named_parameters())
+    assert all(backing_file(p, spans) in map(str, shards) for p in params.values())
+    expected = logits(reference(path, "llama"), "llama")
+    assert torch.equal(logits(model, "llama"), expected)
+    with torch.no_grad():
+        params["model.norm.weight"].mul_(2.0)  # a user's in-place edit: no crash
+    assert not torch.equal(logits(model, "llama"), expected)
+    assert all(f.read_bytes() == data for f, data in shards.items()), "the checkpoint changed"
+
+
+def test_cpu_parameters_in_another_dtype_are_ordinary_memory(
+    tiny_models: dict[str, Path],
+) -> None:
+    model = hand_load(tiny_models["llama"], lambda s: every_block(s, "cpu"), dtype=torch.bfloat16)
+    spans = mapped_files()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(backing_file(p, spans) is None for p in model.parameters())
 
 
@@ -469,10 +489,10 @@ def test_truncated_shard_fails_before_reading_any_tensor(
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 100)
 
-    def no_reads(info: Any, out: Any) -> Any:
+    def no_reads(fd: int, info: Any, *rest: Any) -> Any:
         raise AssertionError(f"read {info.name} from a truncated checkpoint")
 
-    monkeypatch.setattr(load_module, "_pread", no_reads)
+    monkeypatch.setattr(devicemap.reader, "_pread", no_reads)
     with pytest.raises(CorruptCheckpoint, match=shard.name):
         load(path, max_memory={"cpu": "1GiB"}, progress=False)
 

@@ -283,32 +283,40 @@ def _read_bin_header(file: Path) -> dict[str, TensorInfo]:
 # --- zero-copy tensor access ------------------------------------------------
 
 _lock = threading.Lock()  # the prefetch thread and the loader share the caches
-_mmaps: dict[Path, mmap.mmap] = {}  # one read-only map per safetensors file
+_mmaps: dict[tuple[Path, bool], mmap.mmap] = {}  # (file, writable) -> its map
 _bin_states: dict[Path, dict[str, torch.Tensor]] = {}  # torch.load(mmap=True) per .bin file
 
 
-def tensor_view(info: TensorInfo) -> torch.Tensor:
+def tensor_view(info: TensorInfo, *, writable: bool = False) -> torch.Tensor:
     """The tensor as a CPU view of the file's page cache: no copy, no ordinary RAM until touched.
 
-    The view is READ-ONLY in fact though torch cannot mark it so: writing into it crashes the
-    process (the map is PROT_READ). devicemap only reads views (`.to(device)`, `.copy_` into
-    another tensor); callers that need to modify one use `read_tensor`, which copies.
+    `writable=False` (the disk tier): the map is PROT_READ, so writing into the view crashes
+    the process, though torch cannot mark it read-only; devicemap only reads such views.
+    `writable=True` (weights the plan keeps in RAM): a private copy-on-write map, as
+    safetensors gives transformers: a write copies that page into the process, and the
+    file never changes. Writable maps count towards the kernel's commit charge, so the
+    disk tier (which may exceed RAM) keeps read-only ones.
     """
     if info.offset < 0:  # pickled .bin: torch's own mmap of the zip, also zero-copy
         return _bin_state(info.file)[info.name]
     numel = math.prod(info.shape)
     if numel == 0:
         return torch.empty(info.shape, dtype=info.dtype)
-    buffer = _mmap_for(info.file)
+    buffer = _mapped(info, writable)
+    with warnings.catch_warnings():  # "buffer is not writable": known, see the docstring
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        flat = torch.frombuffer(buffer, dtype=info.dtype, count=numel, offset=info.offset)
+    return flat.view(info.shape)
+
+
+def _mapped(info: TensorInfo, writable: bool) -> mmap.mmap:
+    buffer = _mmap_for(info.file, writable)
     if info.offset + info.nbytes > len(buffer):
         raise CorruptCheckpoint(
             f"{info.file}: tensor {info.name!r} ends past the end of the file, which changed"
             f" after it was indexed. {_REDOWNLOAD}"
         )
-    with warnings.catch_warnings():  # "buffer is not writable": known, see the docstring
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        flat = torch.frombuffer(buffer, dtype=info.dtype, count=numel, offset=info.offset)
-    return flat.view(info.shape)
+    return buffer
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -327,12 +335,13 @@ def close_mmaps() -> None:
         _bin_states.clear()
 
 
-def _mmap_for(file: Path) -> mmap.mmap:
+def _mmap_for(file: Path, writable: bool) -> mmap.mmap:
+    access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
     with _lock:
-        if file not in _mmaps:
+        if (file, writable) not in _mmaps:
             with open(file, "rb") as f:  # the map stays valid after the file is closed
-                _mmaps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return _mmaps[file]
+                _mmaps[file, writable] = mmap.mmap(f.fileno(), 0, access=access)
+        return _mmaps[file, writable]
 
 
 def _bin_state(file: Path) -> dict[str, torch.Tensor]:

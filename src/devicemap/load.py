@@ -35,8 +35,9 @@ from .convert import (
     run_recipe,
 )
 from .devices import CPU, DISK, Device, format_size, parse_device
-from .errors import CorruptCheckpoint, DeviceOutOfMemory, LoadError, PlanMismatch
+from .errors import DeviceOutOfMemory, LoadError, PlanMismatch
 from .plan import Plan
+from .reader import ReadPool
 from .skeleton import Skeleton, build_skeleton
 
 _SKELETON_OPTIONS = ("no_split", "trust_remote_code")  # options that shape the model itself
@@ -106,10 +107,11 @@ def place(
     raise_on_mismatch(keys, skeleton.source.name)
     job = _Job(model, plan, keys, where)
     try:
-        with _meter(job, progress) as meter:
+        with _meter(job, progress) as meter, job.reads:  # on error: no read outlives the pool
             cached = _offload(job, _offload_dir(offload_dir), skeleton, meter)
             for recipe in keys.recipes:
                 _place_recipe(job, recipe, cached, meter)
+            job.reads.wait()
         _finish(job, skeleton)
     except BaseException:
         job.undo()
@@ -173,10 +175,12 @@ class _Job:
     keys: KeyMap
     where: dict[str, _Where]
     loaded: dict[Device, int] = field(default_factory=dict)  # bytes placed per storage device
-    reader: _Reader = field(default_factory=lambda: _Reader())
+    reads: ReadPool = field(default_factory=ReadPool)
+    reader: _Reader = field(init=False)
     before: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.reader = _Reader(self.reads)
         for module in self.model.modules():  # references only: cheap, and undo restores ties too
             for table in (module._parameters, module._buffers):
                 self.before += [(table, name, value) for name, value in table.items()]
@@ -235,10 +239,14 @@ def _place_recipe(
     if not rest:
         return
     info, storage = recipe.inputs[0], job.where[rest[0]].storage
-    if recipe.is_copy and storage == CPU and info.dtype == job.dtype(rest[0]) and info.offset >= 0:
-        made = {rest[0]: _fresh(info)}  # read straight into the tensor it will stay
-    else:
-        made = job.reader.run(recipe, job.model)
+    if storage == CPU and _zero_copy(job, recipe, rest[0]):
+        # the file's pages, copy-on-write (as safetensors gives transformers): no copy into
+        # fresh RAM; mapped in by the read threads before load returns
+        view = checkpoint.tensor_view(info, writable=True)
+        job.set(rest[0], view)
+        job.reads.populate(view, done=lambda n: meter.advance(CPU, n))
+        return
+    made = job.reader.run(recipe, job.model)
     for key in rest:
         storage = job.where[key].storage
         tensor = _to(made.pop(key), storage, job.dtype(key), job, key)
@@ -257,27 +265,6 @@ def _zero_copy(job: _Job, recipe: Recipe, key: str) -> bool:
 # --- reading ---------------------------------------------------------------------
 
 
-def _fresh(info: TensorInfo) -> torch.Tensor:
-    out = torch.empty(info.shape, dtype=info.dtype)
-    _pread(info, out)
-    return out
-
-
-def _pread(info: TensorInfo, out: torch.Tensor) -> None:
-    """Fill `out` with the tensor's bytes, read from the file (no mmap pages stay mapped)."""
-    buffer = out.reshape(-1).view(torch.uint8).numpy().data  # [nbytes] u8, same memory
-    with open(info.file, "rb", buffering=0) as f:
-        done = 0
-        while done < info.nbytes:  # preadv may return less than asked (2 GiB per call on Linux)
-            n = os.preadv(f.fileno(), [buffer[done:]], info.offset + done)
-            if n <= 0:
-                raise CorruptCheckpoint(
-                    f"{info.file}: tensor {info.name!r} ends past the end of the file, which"
-                    " changed after it was indexed. Re-download the checkpoint and try again."
-                )
-            done += n
-
-
 class _Reader:
     """Reads a recipe's inputs into one scratch buffer reused from recipe to recipe.
 
@@ -286,7 +273,8 @@ class _Reader:
     freed temporaries that the allocator keeps mapped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reads: ReadPool) -> None:
+        self.reads = reads
         self.scratch = torch.empty(0, dtype=torch.uint8)
 
     def run(self, recipe: Recipe, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -295,7 +283,7 @@ class _Reader:
         def read(info: TensorInfo) -> torch.Tensor:
             if info.offset < 0:  # pickled .bin: torch's own mmap, copied
                 return checkpoint.read_tensor(info)
-            _pread(info, slots[info.name])
+            self.reads.read(info, slots[info.name])
             return slots[info.name]
 
         return run_recipe(recipe, model, read)
@@ -325,8 +313,20 @@ def _to(
     tensor: torch.Tensor, device: Device, dtype: torch.dtype, job: _Job, key: str
 ) -> torch.Tensor:
     """`tensor` on `device` in `dtype`; running out of memory becomes DeviceOutOfMemory."""
-    try:
+    with _memory_of(job, device, key):
         return _copy(tensor, device.torch(), dtype)
+
+
+def _empty(info: TensorInfo, job: _Job, key: str) -> torch.Tensor:
+    """An uninitialised CPU tensor for `info`; running out of memory becomes DeviceOutOfMemory."""
+    with _memory_of(job, CPU, key):
+        return torch.empty(info.shape, dtype=info.dtype)
+
+
+@contextlib.contextmanager
+def _memory_of(job: _Job, device: Device, key: str) -> Iterator[None]:
+    try:
+        yield
     except torch.OutOfMemoryError as error:
         raise _out_of_memory(job, device, key) from error
     except RuntimeError as error:  # the CPU allocator raises a plain RuntimeError

@@ -23,8 +23,9 @@ import psutil
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .devices import DISK, Device
+from .devices import CPU, DISK, Device
 from .errors import BadOption
+from .offload import page_ranges, resident_bytes
 from .plan import Plan
 
 
@@ -105,6 +106,7 @@ def bench(load: Callable[[], Any], plan: Plan, *, vocab: int, options: BenchOpti
         load_s = time.perf_counter() - start
         ids = random_prompt(vocab, options.prompt_tokens)
         timings = [time_generate(model, ids, options.new_tokens) for _ in range(options.runs)]
+    mapped = mapped_cpu_weights(model, plan)
     return BenchResult(
         model=plan.model,
         context=plan.options.context,
@@ -113,8 +115,41 @@ def bench(load: Callable[[], Any], plan: Plan, *, vocab: int, options: BenchOpti
         prefill_s=[t[0] for t in timings],
         decode_s=[t[1] for t in timings],
         decoded=[t[2] for t in timings],
-        devices=[peak_of(u.device, plan, rss) for u in plan.devices],
+        devices=[peak_of(u.device, plan, rss, mapped) for u in plan.devices],
     )
+
+
+def mapped_cpu_weights(model: torch.nn.Module, plan: Plan) -> int | None:
+    """Resident bytes of the cpu tier's weights that are the checkpoint's own pages.
+
+    devicemap keeps cpu-stored weights whose dtype matches the checkpoint as copy-on-write
+    views of the file: resident, but counted by the kernel as file pages (RssFile), not
+    anonymous memory. Measured with mincore over the spans that /proc/self/maps shows as
+    file mappings; None off Linux."""
+    files = _file_spans()
+    if files is None:
+        return None
+    blocks = [
+        model.get_submodule(name)
+        for name, where in plan.device_map.items()
+        if where == CPU.map_value
+    ]
+    tensors = {t.data_ptr(): t for m in blocks for t in [*m.parameters(), *m.buffers()]}
+    mapped = [t for ptr, t in tensors.items() if any(a <= ptr < b for a, b in files)]
+    return resident_bytes(page_ranges(mapped))
+
+
+def _file_spans() -> list[tuple[int, int]] | None:
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return None
+    spans = []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
 
 
 def random_prompt(vocab: int, tokens: int) -> torch.Tensor:
@@ -228,14 +263,20 @@ def ru_maxrss() -> int | None:
 MEASURES = {
     "cuda peak": "torch.cuda.max_memory_allocated on that GPU",
     "RSS anon": "peak growth of anonymous resident memory (RssAnon, sampled every 10 ms)",
+    "RSS anon + mapped": "RSS anon, plus the resident pages (mincore) of cpu-stored weights"
+    " that are the checkpoint's copy-on-write pages",
     "RSS file": "peak growth of resident file pages (RssFile): mmap'd checkpoint, also libraries",
+    "RSS file - cpu mapped": "RSS file, less the cpu-stored weights' pages counted above",
     "RSS": "peak growth of resident memory (psutil, ru_maxrss)",
     "-": "not measured",
 }
 
 
-def peak_of(device: Device, chosen: Plan, rss: RssSampler) -> DevicePeak:
-    """The plan's bytes for `device` next to its measured peak growth."""
+def peak_of(device: Device, chosen: Plan, rss: RssSampler, mapped: int | None) -> DevicePeak:
+    """The plan's bytes for `device` next to its measured peak growth.
+
+    `mapped`: resident bytes of cpu-tier weights that are file pages (mapped_cpu_weights),
+    moved from the file pages' growth (the disk's) to the cpu's."""
     usage = chosen.usage(device)
     planned = {
         "weights": usage.weights,
@@ -251,8 +292,12 @@ def peak_of(device: Device, chosen: Plan, rss: RssSampler) -> DevicePeak:
         peak, how = int(torch.cuda.max_memory_allocated(device.index)), "cuda peak"
     elif device == DISK:
         peak, how = rss.growth("file"), "RSS file"
+        if peak is not None and mapped is not None:
+            peak, how = max(peak - mapped, 0), "RSS file - cpu mapped"
     elif device.kind == "cpu":
         peak, how = rss.growth("anon"), "RSS anon"
+        if peak is not None and mapped is not None:
+            peak, how = peak + mapped, "RSS anon + mapped"
         if peak is None:
             peak, how = rss.growth("total"), "RSS"
     return DevicePeak(device, planned, peak, how if peak is not None else "-")

@@ -175,6 +175,20 @@ def any_missing(start: int, length: int, *, samples: int = 32) -> bool:
     return False
 
 
+def resident_bytes(pages: Pages) -> int | None:
+    """Bytes of `pages` in memory now (mincore, every page); None when it cannot be asked."""
+    if _LIBC is None:
+        return None
+    total = 0
+    for start, length in pages.spans:
+        npages = (length + PAGE - 1) // PAGE
+        vec = ctypes.create_string_buffer(npages)
+        if _LIBC.mincore(start, length, vec) != 0:
+            return None
+        total += sum(b & 1 for b in vec.raw) * PAGE
+    return total
+
+
 def fault_in(pages: Pages) -> bool:
     """Read in and map the pages not yet in memory; a resident span costs one mincore.
 
@@ -187,12 +201,18 @@ def fault_in(pages: Pages) -> bool:
     missing = [(start, length) for start, length in pages.spans if any_missing(start, length)]
     if not missing:
         return False
-    if _POPULATE and all(_LIBC.madvise(s, n, MADV_POPULATE_READ) == 0 for s, n in missing):
-        return True
+    map_in(Pages(tuple(missing), pages.raws))
+    return True
+
+
+def map_in(pages: Pages) -> None:
+    """Map every page of `pages` into this process now, reading it if the page cache lacks
+    it (mincore calls a page that is cached but unmapped resident: this maps it anyway)."""
+    if _POPULATE and all(_LIBC.madvise(s, n, MADV_POPULATE_READ) == 0 for s, n in pages.spans):
+        return
     for raw in pages.raws:
         raw[::PAGE].sum()  # one byte per page
         raw[-1:].sum()  # the tail page, which the stride can skip
-    return True
 
 
 QUIET_MAX = 64  # passes a block found resident goes unchecked, at most
