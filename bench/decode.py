@@ -89,46 +89,81 @@ def decode_steps(
     return median(times)
 
 
-def offloaded_files(path: Path, device_map: dict[str, Any]) -> tuple[list[Path], int]:
-    """Checkpoint files holding disk-stored tensors, and the bytes of those tensors."""
+Ranges = dict[Path, list[tuple[int, int]]]  # file -> [(offset, bytes)] of offloaded tensors
+
+
+def offloaded(path: Path, device_map: dict[str, Any]) -> tuple[Ranges, int]:
+    """Where the disk-stored tensors lie in the checkpoint's files, and their total bytes."""
     from devicemap.checkpoint import read_index, resolve_model
 
     index = read_index(resolve_model(path))
     disk = tuple(f"{name}." for name, dev in device_map.items() if dev == "disk")
-    infos = [t for key, t in index.tensors.items() if key.startswith(disk)]
-    return sorted({t.file for t in infos}), sum(t.nbytes for t in infos)
+    ranges: Ranges = {}
+    for key, t in index.tensors.items():
+        if key.startswith(disk):
+            ranges.setdefault(t.file.resolve(), []).append((t.offset, t.nbytes))
+    return ranges, sum(n for spans in ranges.values() for _, n in spans)
 
 
-def evict(files: list[Path]) -> None:
-    """Drop the files' pages from the page cache, whoever has them mapped in this process.
+def evict(ranges: Ranges) -> None:
+    """Drop the offloaded tensors' bytes (only those) from the page cache.
 
-    Mapped pages are not dropped by fadvise, so every mapping of these files (devicemap's
-    views, safetensors' handles) is first un-populated with MADV_DONTNEED: file-backed
-    read-only pages, so the next touch re-reads them from the (now cold) file.
+    Mapped pages are not dropped by fadvise, so every mapping of those bytes in this
+    process (devicemap's views, safetensors' handles) is first un-populated with
+    MADV_DONTNEED: the next touch re-reads them from the (now cold) file. Pages of the
+    same files that hold cpu-stored weights stay: in RAM is where the plan keeps them.
     """
-    names = {str(f.resolve()) for f in files}
+    page = os.sysconf("SC_PAGE_SIZE")
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].strip() in names:
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
+            file = Path(fields[5].strip()) if len(fields) == 6 else None
+            if file not in ranges:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            base = start - int(fields[2], 16)  # the address of file offset 0
+            for offset, nbytes in ranges[file]:
+                lo = max(start, (base + offset) // page * page)
+                hi = min(end, base + offset + nbytes)
+                if lo < hi:
+                    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)
+    for file, spans in ranges.items():
+        fd = os.open(file, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            for offset, nbytes in spans:
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
 
-def read_speed(files: list[Path]) -> float:
-    """Cold sequential read speed of `files` in bytes/s (16 MiB reads)."""
-    evict(files)  # the loaded models map these files: plain fadvise would leave them cached
+def settle(model: Any) -> None:
+    """Wait until devicemap's page prefetcher has done what it was asked.
+
+    At the end of a step it already faults in the next step's first disk blocks (the
+    wrap-around): useful when tokens follow each other, wasted when the benchmark evicts
+    between steps, and it would run on into the next timed step. Settled first, every
+    cold step starts with the offloaded bytes all out of memory and no read under way."""
+    state = model.__dict__.get("_devicemap_dispatch")  # dispatch.py's _STATE
+    for offload in state.offloads if state is not None else ():
+        getattr(offload, "wait", lambda: None)()
+
+
+def cold_start(model: Any, ranges: Ranges) -> Callable[[], None]:
+    return lambda: (settle(model), evict(ranges))[-1]
+
+
+def read_speed(ranges: Ranges) -> float:
+    """Cold sequential read speed of the offloaded bytes in bytes/s (16 MiB reads, in order)."""
+    evict(ranges)  # the loaded models map these files: plain fadvise would leave them cached
     total, start = 0, time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while chunk := fh.read(16 << 20):
-                total += len(chunk)
+    for file, spans in ranges.items():
+        with open(file, "rb", buffering=0) as fh:
+            for offset, nbytes in sorted(spans):
+                fh.seek(offset)
+                left = nbytes
+                while left > 0 and (chunk := fh.read(min(16 << 20, left))):
+                    left -= len(chunk)
+                    total += len(chunk)
     return total / (time.perf_counter() - start)
 
 
@@ -160,12 +195,12 @@ def bench_one(shape: str, fraction: float, args: argparse.Namespace) -> dict[str
 def cold(path: Path, device_map: dict[str, Any], dm: Any, acc: Any, rounds: int) -> dict[str, Any]:
     """Per round: one cold sequential read of the files (the bound), then two cold decode
     steps of each engine. Interleaved, because this disk's speed drifts 2x within minutes."""
-    files, nbytes = offloaded_files(path, device_map)
+    ranges, nbytes = offloaded(path, device_map)
     reads, dm_steps, acc_steps = [], [], []
     for _ in range(rounds):
-        reads.append(nbytes / read_speed(files))  # seconds to read every offloaded byte once
-        dm_steps.append(decode_steps(dm, 2, lambda: evict(files)))
-        acc_steps.append(decode_steps(acc, 2, lambda: evict(files)))
+        reads.append(nbytes / read_speed(ranges))  # seconds to read every offloaded byte once
+        dm_steps.append(decode_steps(dm, 2, cold_start(dm, ranges)))
+        acc_steps.append(decode_steps(acc, 2, cold_start(acc, ranges)))
     bound = 1 / median(reads)  # tokens/s if each step had to read every offloaded byte once
     dm_rate, acc_rate = 1 / median(dm_steps), 1 / median(acc_steps)
     return {

@@ -10,6 +10,7 @@ import ctypes
 import functools
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,40 @@ def test_resident_blocks_are_checked_ever_less_often_missing_ones_every_pass(
         assert checks_in(5) == 15  # pages keep going missing: checked on every pass again
         assert len(prefetcher.requests) == 3 * (1 + 1 + 300 + QUIET_MAX + 1 + 5)  # all asked
     finally:
+        prefetcher.close()
+
+
+def test_a_block_the_worker_has_in_hand_is_waited_for_not_faulted_twice(
+    disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One reader of the file at a time: entering a block whose pages the worker is still
+    reading waits for it instead of faulting the same file from a second thread."""
+    model, plan, _ = disk_llama
+    disk = [n for n, v in plan.device_map.items() if v == "disk"]
+    blocks = [block_weights(n, model.get_submodule(n)) for n in disk]
+    events: list[str] = []
+    gate = threading.Event()
+
+    def slow_fault_in(pages: Any) -> bool:
+        gate.wait(5)
+        events.append("worker done")
+        return True
+
+    monkeypatch.setattr(offload, "fault_in", slow_fault_in)
+    prefetcher = PagePrefetcher(blocks, depth=1)
+    try:
+        prefetcher.begin()  # asks for model.layers.1, the first disk block
+        entered = threading.Thread(
+            target=lambda: (prefetcher.enter("model.layers.1"), events.append("entered"))
+        )
+        entered.start()
+        entered.join(0.2)
+        assert entered.is_alive() and events == []  # still waiting on the worker
+        gate.set()
+        entered.join(5)
+        assert events[0] == "worker done" and "entered" in events  # (the next block may follow)
+    finally:
+        gate.set()
         prefetcher.close()
 
 

@@ -236,13 +236,14 @@ class PagePrefetcher:
     def __init__(self, blocks: Sequence[BlockWeights], *, depth: int = 2, log: int = 4096):
         self._pages = {b.name: page_ranges(b.host) for b in blocks}
         self._predict = Successors([b.name for b in blocks])
-        self._jobs: queue.Queue[tuple[str, Pages] | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._depth = depth
         self._recent: deque[str] = deque(maxlen=depth)  # asked for and not yet run past
         self.requests: deque[str] = deque(maxlen=log)  # blocks asked for, oldest first
         self.checks: deque[str] = deque(maxlen=log)  # of those, the ones handed to the worker
         self._quiet: dict[str, int] = {}  # passes left before a resident block is checked
         self._span: dict[str, int] = {}  # the quiet period it got last (worker-written)
+        self._inflight: dict[str, threading.Event] = {}  # handed to the worker: set when done
         self._thread = threading.Thread(
             target=_fault_in_forever,
             args=(self._jobs, self._quiet, self._span),
@@ -263,7 +264,14 @@ class PagePrefetcher:
         self._request_from(self._predict.peek(), running=None, force=True)
 
     def enter(self, name: str) -> None:
+        """Ask for the blocks after `name`, then wait until `name` itself is faulted in if
+        the worker has it in hand: faulting its pages here too would make two readers of
+        the file, which interleave and defeat the kernel's read-ahead (measured, 2 cores:
+        one thread populating 14 MB spans in order read 3.2 GB/s, two threads 1.4 GB/s)."""
         self._request_from(self._predict.observe(name), running=name)
+        pending = self._inflight.pop(name, None)
+        if pending is not None:
+            pending.wait()
 
     def exit(self, name: str) -> None:
         pass
@@ -295,23 +303,30 @@ class PagePrefetcher:
             self._quiet[name] = left - 1
             return
         self.checks.append(name)
-        self._jobs.put((name, self._pages[name]))
+        done = threading.Event()
+        self._inflight[name] = done
+        self._jobs.put((name, self._pages[name], done))
+
+
+_Job = tuple[str, Pages, threading.Event]
 
 
 def _fault_in_forever(
-    jobs: queue.Queue[tuple[str, Pages] | None], quiet: dict[str, int], span: dict[str, int]
+    jobs: queue.Queue[_Job | None], quiet: dict[str, int], span: dict[str, int]
 ) -> None:
     while True:
         job = jobs.get()
         try:
             if job is None:
                 return
-            name, pages = job
+            name, pages, _ = job
             if fault_in(pages):
                 span[name] = quiet[name] = 0  # pages went missing: check every pass
             else:
                 span[name] = quiet[name] = min(2 * span.get(name, 0) or 1, QUIET_MAX)
         finally:
+            if job is not None:
+                job[2].set()
             jobs.task_done()
 
 
