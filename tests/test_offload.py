@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import mmap
 import os
@@ -25,12 +26,14 @@ from devicemap.offload import (
     ALIGN,
     PAGE,
     QUIET_MAX,
+    BlockWeights,
     GpuStreamer,
     PagePrefetcher,
     Successors,
     any_missing,
     block_weights,
     fault_in,
+    lookahead,
     page_ranges,
 )
 from test_dispatch import batch_for, blocks_of, make_plan, modules_with_hooks, place, storage_for
@@ -235,9 +238,10 @@ def test_fault_in_reads_every_page(disk_llama: tuple[Any, Any, Path]) -> None:
 
 @torch.no_grad()
 def test_dispatched_forwards_request_each_next_disk_block(
-    disk_llama: tuple[Any, Any, Path],
+    disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, plan, _ = disk_llama
+    monkeypatch.setattr(offload, "LOOKAHEAD", 1)  # bytes: the least look-ahead, 2 blocks
     dispatch(model, plan)
     (prefetcher,) = model.__dict__[_STATE].offloads
     assert isinstance(prefetcher, PagePrefetcher)
@@ -251,6 +255,18 @@ def test_dispatched_forwards_request_each_next_disk_block(
     prefetcher.wait()
     assert list(prefetcher.requests) == [l1, l3, norm, l1, l3, l1, l3, norm, l1, l3]
     assert prefetcher.checks.count(l1) >= 2  # forced at each forward's start, even if quiet
+
+
+def test_lookahead_keeps_a_fixed_amount_of_bytes_on_the_way() -> None:
+    def blocks(*mib: int) -> list[BlockWeights]:
+        return [BlockWeights(f"b{i}", (), (), (), n << 20) for i, n in enumerate(mib)]
+
+    assert offload.LOOKAHEAD == 64 << 20
+    assert lookahead(blocks(14, 14, 14, 100)) == 5  # smollm-sized blocks: 5 x 14 MiB
+    assert lookahead(blocks(44, 44, 44)) == 2  # tinyllama-sized: never fewer than 2
+    assert lookahead(blocks(1700, 1700)) == 2  # a 70B layer: 2, not gigabytes more
+    assert lookahead(blocks(1, 1, 1)) == 8  # tiny blocks: at most 8
+    assert lookahead(blocks(0)) == 8  # (empty blocks do not divide by zero)
 
 
 def test_prefetch_off_attaches_no_block_hooks(disk_llama: tuple[Any, Any, Path]) -> None:
@@ -281,6 +297,9 @@ class FakeStream:
     def wait_stream(self, stream: Any) -> None:
         pass
 
+    def synchronize(self) -> None:
+        pass
+
 
 @contextlib.contextmanager
 def _fake_stream_context(stream: Any) -> Iterator[None]:
@@ -299,8 +318,11 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
 
 
-def stream_blocks(model: Any, names: list[str]) -> tuple[GpuStreamer, list[Any]]:
+def stream_blocks(
+    model: Any, names: list[str], in_ram: tuple[str, ...] = ()
+) -> tuple[GpuStreamer, list[Any]]:
     blocks = [block_weights(n, model.get_submodule(n)) for n in names]
+    blocks = [dataclasses.replace(b, in_ram=b.name in in_ram) for b in blocks]
     streamer = GpuStreamer(torch.device("cpu"), blocks, prefetch=True)
     handles = []
     for name in names:
@@ -384,3 +406,62 @@ def test_streamer_re_entry_and_nesting(fake_cuda: None, disk_llama: tuple[Any, A
     streamer.exit(names[0])
     streamer.close()
     assert all(weight[n].data_ptr() == host[n] for n in names)
+
+
+@pytest.fixture
+def fake_pin(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """cudaHostRegister/Unregister as bookkeeping: which buffers were locked, unlocked."""
+    calls: dict[str, list[int]] = {"pin": [], "unpin": []}
+    monkeypatch.setattr(offload, "pin", lambda b: calls["pin"].append(b.data_ptr()) or True)
+    monkeypatch.setattr(offload, "unpin", lambda b: calls["unpin"].append(b.data_ptr()))
+    return calls
+
+
+@torch.no_grad()
+def test_cpu_tier_blocks_are_pinned_in_place_once(
+    fake_cuda: None, fake_pin: dict[str, list[int]], disk_llama: tuple[Any, Any, Path]
+) -> None:
+    model, _, _ = disk_llama
+    plain = build_tiny("llama", hidden_size=128, intermediate_size=512)
+    names = ["model.layers.1", "model.layers.2", "model.layers.3"]  # disk, cpu, disk
+    streamer, _ = stream_blocks(model, names, in_ram=("model.layers.2",))
+    (buffer,) = streamer._pinned.values()
+    assert fake_pin["pin"] == [buffer.data_ptr()]
+    weight = model.model.layers[2].mlp.up_proj.weight
+    assert _inside(weight, [buffer])  # the cpu-tier weights now live in the locked buffer
+    disk_bytes = [streamer._blocks[n].nbytes for n in (names[0], names[2])]
+    assert streamer._arena.shape == (2, max(disk_bytes))  # the arena stages disk blocks only
+    batch = batch_for("llama")
+    assert torch.equal(model(**batch).logits, plain(**batch).logits)
+    assert _inside(weight, [buffer])  # and point back there after running
+    streamer.close()
+    assert fake_pin["unpin"] == fake_pin["pin"]
+    assert _inside(weight, [buffer]) and not streamer._pinned  # memory still valid, unlocked
+
+
+@torch.no_grad()
+def test_a_pinned_block_is_copied_to_the_device_without_staging(
+    fake_cuda: None, fake_pin: dict[str, list[int]], disk_llama: tuple[Any, Any, Path]
+) -> None:
+    model, _, _ = disk_llama
+    plain = build_tiny("llama", hidden_size=128, intermediate_size=512)
+    streamer, _ = stream_blocks(model, ["model.layers.2"], in_ram=("model.layers.2",))
+    assert streamer._arena.numel() == 0  # nothing to stage: any staging copy would fail
+    batch = batch_for("llama")
+    for _ in range(2):
+        streamer.begin()
+        assert torch.equal(model(**batch).logits, plain(**batch).logits)
+    streamer.close()
+
+
+def test_a_block_the_driver_will_not_lock_is_staged(
+    fake_cuda: None, disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _, _ = disk_llama
+    monkeypatch.setattr(offload, "pin", lambda buffer: False)
+    weight = model.model.layers[2].mlp.up_proj.weight
+    host = weight.data_ptr()
+    streamer, _ = stream_blocks(model, ["model.layers.2"], in_ram=("model.layers.2",))
+    assert not streamer._pinned and weight.data_ptr() == host  # left where it was
+    assert streamer._arena.shape == (2, streamer._blocks["model.layers.2"].nbytes)
+    streamer.close()

@@ -339,6 +339,7 @@ def _offloads(
             continue
         weights = block_weights(name, modules[name])
         if runs.kind == "cuda" and stored.kind in ("cpu", "disk"):
+            weights = dataclasses.replace(weights, in_ram=stored.kind == "cpu")
             streamed.setdefault(runs, []).append(weights)
         elif runs.kind == "cpu" and stored.kind == "disk":
             paged.append(weights)
