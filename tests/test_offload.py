@@ -194,6 +194,36 @@ def test_resident_blocks_are_checked_ever_less_often_missing_ones_every_pass(
         prefetcher.close()
 
 
+def test_missing_pages_at_a_forwards_start_wake_every_quiet_block(
+    disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a long warm run every block is quiet for QUIET_MAX passes; when the cache is
+    dropped, the forced check of the first block sees it and the rest follow that pass."""
+    model, plan, _ = disk_llama
+    disk = [n for n, v in plan.device_map.items() if v == "disk"]
+    blocks = [block_weights(n, model.get_submodule(n)) for n in disk]
+    missing = {"now": False}
+    monkeypatch.setattr(offload, "fault_in", lambda pages: missing["now"])
+    prefetcher = PagePrefetcher(blocks, depth=1)
+
+    def forward() -> list[str]:
+        before = len(prefetcher.checks)
+        prefetcher.begin()
+        for name in disk:
+            prefetcher.enter(name)
+        prefetcher.wait()
+        return list(prefetcher.checks)[before:]
+
+    try:
+        for _ in range(4 * QUIET_MAX):
+            forward()
+        assert forward() == [disk[0]]  # warm: only the forced check of the first block
+        missing["now"] = True  # the page cache was dropped
+        assert set(forward()) == set(disk)  # every block checked within the same pass
+    finally:
+        prefetcher.close()
+
+
 def test_a_block_the_worker_has_in_hand_is_waited_for_not_faulted_twice(
     disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

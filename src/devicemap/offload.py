@@ -245,11 +245,13 @@ class PagePrefetcher:
     step with prefetch = 1.00x the time to read those files cold, 241-264 ms without.
 
     A block the worker finds fully resident is not handed to it again for 1, 2, 4 ...
-    QUIET_MAX passes; one found with missing pages is checked on every pass again. Warm,
+    QUIET_MAX passes; once a block is found with missing pages, every block is checked on
+    every pass again (each forward's first blocks are always checked, so an eviction is
+    seen at the next forward's start). Warm,
     a check per block per token cost 7% of decode speed on 2 cores (bench/decode.py,
     smollm 75% on disk: 0.93x vs 1.01x RAM without prefetch): the worker's wake-ups
-    contend for the GIL and the cores. The price: pages evicted while a block is quiet
-    are faulted in by the compute itself until its next check.
+    contend for the GIL and the cores. The price: pages of a quiet block evicted while
+    the first blocks stay resident are faulted in by the compute itself until its check.
     """
 
     def __init__(
@@ -286,14 +288,18 @@ class PagePrefetcher:
         self._request_from(self._predict.peek(), running=None, force=True)
 
     def enter(self, name: str) -> None:
-        """Ask for the blocks after `name`, then wait until `name` itself is faulted in if
-        the worker has it in hand: faulting its pages here too would make two readers of
-        the file, which interleave and defeat the kernel's read-ahead (measured, 2 cores:
-        one thread populating 14 MB spans in order read 3.2 GB/s, two threads 1.4 GB/s)."""
-        self._request_from(self._predict.observe(name), running=name)
+        """Wait until `name` is faulted in if the worker has it in hand, then ask for the
+        blocks after it.
+
+        Waiting, not faulting its pages here too: two readers of the file interleave and
+        defeat the kernel's read-ahead (measured, 2 cores: one thread populating 14 MB
+        spans in order read 3.2 GB/s, two threads 1.4 GB/s). Asking afterwards: if the
+        worker found `name`'s pages missing, the blocks asked for now are checked even if
+        they were quiet. The blocks already asked for keep the worker busy meanwhile."""
         pending = self._inflight.pop(name, None)
         if pending is not None:
             pending.wait()
+        self._request_from(self._predict.observe(name), running=name)
 
     def exit(self, name: str) -> None:
         pass
@@ -343,7 +349,10 @@ def _fault_in_forever(
                 return
             name, pages, _ = job
             if fault_in(pages):
-                span[name] = quiet[name] = 0  # pages went missing: check every pass
+                # pages went missing: memory pressure or a dropped cache rarely hits one
+                # block alone, so every block is checked on every pass again, not only this
+                quiet.clear()
+                span.clear()
             else:
                 span[name] = quiet[name] = min(2 * span.get(name, 0) or 1, QUIET_MAX)
         finally:
