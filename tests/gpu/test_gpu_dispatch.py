@@ -16,7 +16,7 @@ import torch
 from devicemap.dispatch import _STATE, dispatch, hook_count, release, releasing
 from devicemap.offload import GpuStreamer, PagePrefetcher
 from test_dispatch import batch_for, blocks_of, make_plan, modules_with_hooks, place
-from tiny import build_tiny
+from tiny import build_tiny, model_class
 
 CUDA = torch.device("cuda:0")
 
@@ -173,3 +173,35 @@ def test_release_frees_the_gpu_memory(tmp_path: Path) -> None:
         assert torch.cuda.memory_allocated(CUDA) > before
     assert hook_count(model) == 0
     assert torch.cuda.memory_allocated(CUDA) == before
+
+
+@torch.no_grad()
+def test_cpu_stored_blocks_are_pinned_in_place_and_unpinned_on_release(tmp_path: Path) -> None:
+    plain, model = build("llama", tmp_path)
+    (streamer,) = model.__dict__[_STATE].offloads
+    cpu_weight = model.model.layers[1].mlp.up_proj.weight  # layer 1: stored on cpu
+    disk_weight = model.model.layers[2].mlp.up_proj.weight  # layer 2: on disk (a file map)
+    assert cpu_weight.device.type == "cpu" and cpu_weight.is_pinned()
+    assert list(streamer._pinned) == ["model.layers.1"]
+    assert not disk_weight.is_pinned()
+    assert_same_logits(model, plain, "llama")
+    release(model, drop_weights=False)
+    assert not cpu_weight.is_pinned()  # page-locked no more; the memory is still its own
+    assert cpu_weight.abs().sum().item() > 0
+
+
+@torch.no_grad()
+def test_load_streams_cpu_stored_layers_to_the_gpu(tiny_models: dict[str, Path]) -> None:
+    """devicemap.load end to end: layers pinned to cpu, executed on cuda:0 (the default)."""
+    import devicemap
+
+    path = tiny_models["llama"]
+    pins = {"model.layers.1": "cpu", "model.layers.2": "disk"}
+    model = devicemap.load(path, max_memory={0: "1GiB", "cpu": "1GiB", "disk": "1GiB"},
+                           pins=pins, context=64, progress=False)  # fmt: skip
+    plan = model.devicemap_plan
+    assert plan.exec_map["model.layers.1"] == plan.exec_map["model.layers.2"] == 0  # cuda:0
+    plain = model_class("llama").from_pretrained(path).to(CUDA).eval()
+    assert_same_logits(model, plain, "llama")
+    assert_same_greedy(model, plain, "llama")
+    release(model)
