@@ -449,9 +449,15 @@ def fake_pin(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
 
 @torch.no_grad()
 def test_cpu_tier_blocks_are_pinned_in_place_once(
-    fake_cuda: None, fake_pin: dict[str, list[int]], disk_llama: tuple[Any, Any, Path]
+    fake_cuda: None,
+    fake_pin: dict[str, list[int]],
+    disk_llama: tuple[Any, Any, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model, _, _ = disk_llama
+    read_in: list[Any] = []
+    real_fault_in = offload.fault_in
+    monkeypatch.setattr(offload, "fault_in", lambda p: (read_in.append(p), real_fault_in(p))[1])
     plain = build_tiny("llama", hidden_size=128, intermediate_size=512)
     names = ["model.layers.1", "model.layers.2", "model.layers.3"]  # disk, cpu, disk
     streamer, _ = stream_blocks(model, names, in_ram=("model.layers.2",))
@@ -464,6 +470,8 @@ def test_cpu_tier_blocks_are_pinned_in_place_once(
     batch = batch_for("llama")
     assert torch.equal(model(**batch).logits, plain(**batch).logits)
     assert _inside(weight, [buffer])  # and point back there after running
+    disk_pages = [streamer._pages[names[0]], streamer._pages[names[2]]]
+    assert read_in and all(any(p is d for d in disk_pages) for p in read_in)  # disk only
     streamer.close()
     assert fake_pin["unpin"] == fake_pin["pin"]
     assert _inside(weight, [buffer]) and not streamer._pinned  # memory still valid, unlocked

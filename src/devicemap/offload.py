@@ -386,6 +386,9 @@ class GpuStreamer:
         self._pinned = {b.name: p for b in blocks if b.in_ram and (p := self._pin(b)) is not None}
         capacity = max(b.nbytes for b in blocks)  # bytes: the largest block fits one slot
         staged = [b.nbytes for b in blocks if b.name not in self._pinned]  # disk blocks
+        self._pages = {  # of the staged (disk) blocks: read in before the staging copy
+            b.name: page_ranges(b.host) for b in blocks if b.name not in self._pinned
+        }
         pinned = device.type == "cuda"  # (tests run the same logic on the CPU with fake events)
         self._arena = torch.empty(
             (self.SLOTS, max(staged, default=0)), dtype=torch.uint8, pin_memory=pinned
@@ -452,6 +455,7 @@ class GpuStreamer:
         self._views.clear()
         self._buffers.clear()
         self._blocks.clear()
+        self._pages.clear()
         del self._arena, self._stream, self._ready, self._free, self._staged
 
     # -- buffers ------------------------------------------------------------------------
@@ -513,6 +517,7 @@ class GpuStreamer:
                 self._ready[slot].record(self._stream)
             return
         block, pinned = self._blocks[name], self._arena[slot]
+        fault_in(self._pages[name])  # one reader of the file (the copy below is threaded)
         self._staged[slot].synchronize()  # the previous copy out of this arena half finished
         for host, offset in zip(block.host, block.offsets, strict=True):
             _typed(pinned, offset, host).copy_(host)  # reads mmap pages for disk blocks
