@@ -371,7 +371,8 @@ class GpuStreamer:
     (for disk this is where the pages are read), then queues one pinned -> device copy on
     the side stream into the matching device buffer, after that buffer's last reader
     finished (event `free`), and records `ready`. The compute stream waits on `ready`;
-    the host never waits on the device.
+    the host never waits on the device. A cpu-tier block (`in_ram`) lives in its own
+    page-locked buffer from the start and skips the arena.
     """
 
     SLOTS = 2  # double buffer: one block runs, the next arrives
@@ -389,7 +390,7 @@ class GpuStreamer:
         self._pages = {  # of the staged (disk) blocks: read in before the staging copy
             b.name: page_ranges(b.host) for b in blocks if b.name not in self._pinned
         }
-        pinned = device.type == "cuda"  # (tests run the same logic on the CPU with fake events)
+        pinned = device.type == "cuda" and bool(staged)  # (tests: CPU, fake events)
         self._arena = torch.empty(
             (self.SLOTS, max(staged, default=0)), dtype=torch.uint8, pin_memory=pinned
         )
