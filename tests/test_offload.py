@@ -24,18 +24,15 @@ from devicemap.dispatch import _STATE, dispatch
 from devicemap.errors import OffloadError
 from devicemap.offload import (
     ALIGN,
-    PAGE,
     QUIET_MAX,
     BlockWeights,
     GpuStreamer,
     PagePrefetcher,
     Successors,
-    any_missing,
     block_weights,
-    fault_in,
     lookahead,
-    page_ranges,
 )
+from devicemap.pages import PAGE, any_missing, fault_in, page_ranges
 from test_dispatch import batch_for, blocks_of, make_plan, modules_with_hooks, place, storage_for
 from tiny import build_tiny
 

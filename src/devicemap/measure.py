@@ -25,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .devices import CPU, DISK, Device
 from .errors import BadOption
-from .offload import page_ranges, resident_bytes
+from .pages import page_ranges, resident_bytes
 from .plan import Plan
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import TensorInfo
 from .errors import CorruptCheckpoint
-from .offload import map_in, page_ranges
+from .pages import map_in, page_ranges
 
 CHUNK = 8 << 20  # bytes per pread: big enough for few syscalls, small enough to spread
 
