@@ -27,17 +27,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from devicemap.devices import parse_device
 from devicemap.dispatch import (
     Layout,
-    Mover,
     attach,
     boundaries,
     dispatch,
-    first_device,
     hook_count,
     layout_of,
     release,
     releasing,
 )
 from devicemap.errors import LoadError, PlanError, UnknownDevice
+from devicemap.mover import Mover, first_device
 from devicemap.plan import Plan, PlanOptions
 from tiny import build_tiny
 
