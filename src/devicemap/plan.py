@@ -21,12 +21,13 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .config import dtype_name
 from .devices import CPU, Device, DeviceLike, SizeLike, format_size, parse_device
 from .errors import DevicemapError, PinError, PlanError, PlanMismatch
 from .place import Layout, Placement, list_names, pin_covers, place
 from .place import compress_names as compress_names  # re-exported: the CLI imports it from here
 from .shortfall import does_not_fit, largest
-from .skeleton import Skeleton, build_skeleton, dtype_name
+from .skeleton import Skeleton, build_skeleton
 
 Strategy = Literal["sequential", "balanced", "balanced_low_0"]
 OffloadExec = Literal["gpu", "cpu"]

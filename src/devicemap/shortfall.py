@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .config import dtype_name
 from .devices import CPU, DISK, Device, format_size
 from .errors import DoesNotFit
 from .place import Fill, Layout, Placement, kv_bytes, list_names, place
-from .skeleton import Skeleton, dtype_name
+from .skeleton import Skeleton
 
 if TYPE_CHECKING:
     from .plan import PlanOptions
