@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from devicemap import checkpoint as ckpt
 from devicemap.checkpoint import (
     close_mmaps,
+    private_map,
     read_index,
     read_tensor,
     resolve_model,
@@ -126,12 +127,12 @@ def test_view_is_zero_copy(tmp_path: Path) -> None:
     rss = process.memory_info().rss
     view = tensor_view(info)
     assert process.memory_info().rss - rss < 4 * MIB  # 32 MiB viewed, nothing copied
-    mapping = ckpt._mmap_for(info.file, False)
+    mapping = ckpt._mmap_for(info.file)
     base = torch.frombuffer(mapping, dtype=torch.uint8).data_ptr()
     assert view.data_ptr() == base + info.offset  # the view IS the file's map
     assert tensor_view(info).data_ptr() == view.data_ptr()  # one map per file, shared
     close_mmaps()  # cached maps dropped: the live view keeps its map alive
-    assert ckpt._mmap_for(info.file, False) is not mapping
+    assert ckpt._mmap_for(info.file) is not mapping
     assert view[-1].item() == 1.0
     copy = read_tensor(info)
     copy[0] = 2.0  # read_tensor gives ordinary, writable memory
@@ -144,7 +145,7 @@ def test_writable_view_is_copy_on_write(tmp_path: Path) -> None:
     save_file({"a": torch.ones(3), "w": torch.ones(8 * MIB // 4)}, file)  # w: 8 MiB of fp32
     info = read_index(resolve_model(directory)).tensors["w"]
     before = file.read_bytes()
-    view = tensor_view(info, writable=True)
+    view = tensor_view(info, mapping=private_map(file))
     assert view.data_ptr() != tensor_view(info).data_ptr()  # its own (private) map
     view[5] = 7.0  # a private page: no crash, and the file is untouched
     assert view[5].item() == 7.0 and view[4].item() == 1.0

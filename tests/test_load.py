@@ -194,6 +194,16 @@ def test_cpu_parameters_are_the_checkpoint_copy_on_write(tiny_models: dict[str, 
     assert all(f.read_bytes() == data for f, data in shards.items()), "the checkpoint changed"
 
 
+def test_two_loads_of_one_checkpoint_do_not_share_writes(tiny_models: dict[str, Path]) -> None:
+    path = tiny_models["llama"]
+    first = hand_load(path, lambda s: every_block(s, "cpu"))
+    second = hand_load(path, lambda s: every_block(s, "cpu"))
+    with torch.no_grad():
+        first.model.norm.weight.fill_(3.0)
+    assert not torch.equal(second.model.norm.weight, first.model.norm.weight)
+    assert torch.equal(logits(second, "llama"), logits(reference(path, "llama"), "llama"))
+
+
 def test_cpu_parameters_in_another_dtype_are_ordinary_memory(
     tiny_models: dict[str, Path],
 ) -> None:

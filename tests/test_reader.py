@@ -10,7 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 import devicemap.reader
-from devicemap.checkpoint import CheckpointIndex, read_index, resolve_model, tensor_view
+from devicemap.checkpoint import (
+    CheckpointIndex,
+    private_map,
+    read_index,
+    resolve_model,
+    tensor_view,
+)
 from devicemap.errors import CorruptCheckpoint
 from devicemap.load import load
 from devicemap.reader import ReadPool
@@ -106,7 +112,7 @@ def test_populate_maps_a_view_in_without_copying(
     save_file({"w": torch.ones(8 << 20, dtype=torch.uint8)}, file)  # 8 MiB
     (tmp_path / "config.json").write_text("{}")
     info = index_of(file).tensors["w"]
-    view = tensor_view(info, writable=True)
+    view = tensor_view(info, mapping=private_map(file))
     before = file_rss()
     done: list[int] = []
     with ReadPool(workers=2) as reads:

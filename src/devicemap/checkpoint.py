@@ -283,40 +283,43 @@ def _read_bin_header(file: Path) -> dict[str, TensorInfo]:
 # --- zero-copy tensor access ------------------------------------------------
 
 _lock = threading.Lock()  # the prefetch thread and the loader share the caches
-_mmaps: dict[tuple[Path, bool], mmap.mmap] = {}  # (file, writable) -> its map
+_mmaps: dict[Path, mmap.mmap] = {}  # one read-only map per safetensors file
 _bin_states: dict[Path, dict[str, torch.Tensor]] = {}  # torch.load(mmap=True) per .bin file
 
 
-def tensor_view(info: TensorInfo, *, writable: bool = False) -> torch.Tensor:
+def tensor_view(info: TensorInfo, *, mapping: mmap.mmap | None = None) -> torch.Tensor:
     """The tensor as a CPU view of the file's page cache: no copy, no ordinary RAM until touched.
 
-    `writable=False` (the disk tier): the map is PROT_READ, so writing into the view crashes
-    the process, though torch cannot mark it read-only; devicemap only reads such views.
-    `writable=True` (weights the plan keeps in RAM): a private copy-on-write map, as
-    safetensors gives transformers: a write copies that page into the process, and the
-    file never changes. Writable maps count towards the kernel's commit charge, so the
-    disk tier (which may exceed RAM) keeps read-only ones.
+    By default (the disk tier) a view of the file's one shared read-only map (PROT_READ):
+    writing into it crashes the process, though torch cannot mark it read-only; devicemap
+    only reads such views. `mapping` (weights the plan keeps in RAM) is a map from
+    `private_map`, copy-on-write, as safetensors gives transformers: a write copies that
+    page into the process and the file never changes.
     """
     if info.offset < 0:  # pickled .bin: torch's own mmap of the zip, also zero-copy
         return _bin_state(info.file)[info.name]
     numel = math.prod(info.shape)
     if numel == 0:
         return torch.empty(info.shape, dtype=info.dtype)
-    buffer = _mapped(info, writable)
+    buffer = mapping if mapping is not None else _mmap_for(info.file)
+    if info.offset + info.nbytes > len(buffer):
+        raise CorruptCheckpoint(
+            f"{info.file}: tensor {info.name!r} ends past the end of the file, which changed"
+            f" after it was indexed. {_REDOWNLOAD}"
+        )
     with warnings.catch_warnings():  # "buffer is not writable": known, see the docstring
         warnings.filterwarnings("ignore", message=".*not writable.*")
         flat = torch.frombuffer(buffer, dtype=info.dtype, count=numel, offset=info.offset)
     return flat.view(info.shape)
 
 
-def _mapped(info: TensorInfo, writable: bool) -> mmap.mmap:
-    buffer = _mmap_for(info.file, writable)
-    if info.offset + info.nbytes > len(buffer):
-        raise CorruptCheckpoint(
-            f"{info.file}: tensor {info.name!r} ends past the end of the file, which changed"
-            f" after it was indexed. {_REDOWNLOAD}"
-        )
-    return buffer
+def private_map(file: Path) -> mmap.mmap:
+    """A new copy-on-write map of the whole file, for one load's views (never shared, so a
+    write through one loaded model is never seen by another). Private writable maps count
+    towards the kernel's commit charge; the disk tier, which may exceed RAM, uses the
+    shared read-only one."""
+    with open(file, "rb") as f:  # the map stays valid after the file is closed
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -335,13 +338,12 @@ def close_mmaps() -> None:
         _bin_states.clear()
 
 
-def _mmap_for(file: Path, writable: bool) -> mmap.mmap:
-    access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
+def _mmap_for(file: Path) -> mmap.mmap:
     with _lock:
-        if (file, writable) not in _mmaps:
+        if file not in _mmaps:
             with open(file, "rb") as f:  # the map stays valid after the file is closed
-                _mmaps[file, writable] = mmap.mmap(f.fileno(), 0, access=access)
-        return _mmaps[file, writable]
+                _mmaps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return _mmaps[file]
 
 
 def _bin_state(file: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ class _Job:
     reads: ReadPool = field(default_factory=ReadPool)
     reader: _Reader = field(init=False)
     before: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
+    maps: dict[Path, mmap.mmap] = field(default_factory=dict)  # private maps, see private_map
 
     def __post_init__(self) -> None:
         self.reader = _Reader(self.reads)
@@ -212,6 +214,12 @@ class _Job:
         storage = self.where[key].storage
         self.loaded[storage] = self.loaded.get(storage, 0) + tensor.nbytes
 
+    def private_map(self, file: Path) -> mmap.mmap:
+        """This load's copy-on-write map of `file` (cpu-tier views), made on first use."""
+        if file not in self.maps:
+            self.maps[file] = checkpoint.private_map(file)
+        return self.maps[file]
+
     def keys_on(self, device: Device) -> list[str]:
         return [k for r in self.keys.recipes for k in r.targets if self.where[k].storage == device]
 
@@ -242,7 +250,7 @@ def _place_recipe(
     if storage == CPU and _zero_copy(job, recipe, rest[0]):
         # the file's pages, copy-on-write (as safetensors gives transformers): no copy into
         # fresh RAM; mapped in by the read threads before load returns
-        view = checkpoint.tensor_view(info, writable=True)
+        view = checkpoint.tensor_view(info, mapping=job.private_map(info.file))
         job.set(rest[0], view)
         job.reads.populate(view, done=lambda n: meter.advance(CPU, n))
         return
