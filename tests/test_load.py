@@ -194,6 +194,21 @@ def test_cpu_parameters_are_the_checkpoint_copy_on_write(tiny_models: dict[str, 
     assert all(f.read_bytes() == data for f, data in shards.items()), "the checkpoint changed"
 
 
+def test_cpu_parameters_beside_a_disk_tier_are_ordinary_memory(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """With disk blocks streaming through the page cache, the cpu tier is kept out of it."""
+    path = tiny_models["llama"]
+    model = hand_load(path, alternate, offload_dir=tmp_path)
+    spans = mapped_files()
+    disk = disk_params(model)
+    ram = {n: p for n, p in model.named_parameters() if n not in disk}
+    assert disk and ram
+    assert all(backing_file(p, spans) is None for p in ram.values())
+    assert all(backing_file(p, spans) is not None for p in disk.values())
+    assert torch.equal(logits(model, "llama"), logits(reference(path, "llama"), "llama"))
+
+
 def test_two_loads_of_one_checkpoint_do_not_share_writes(tiny_models: dict[str, Path]) -> None:
     path = tiny_models["llama"]
     first = hand_load(path, lambda s: every_block(s, "cpu"))

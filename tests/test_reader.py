@@ -78,11 +78,19 @@ def test_a_file_cut_after_indexing_fails_with_the_tensor_and_file_named(
 
 
 @pytest.mark.parametrize(
-    ("step", "dtype"),
-    [("_populate", torch.float32), ("_pread", torch.bfloat16)],  # kept as is / converted
+    ("step", "dtype", "disk"),
+    [
+        ("_populate", torch.float32, False),  # cpu tier: the file's pages, mapped in
+        ("_pread", torch.float32, True),  # cpu tier beside a disk tier: read into RAM
+        ("_pread", torch.bfloat16, False),  # converted on the way
+    ],
 )
 def test_a_failed_read_while_loading_keeps_nothing(
-    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, step: str, dtype: torch.dtype
+    tiny_models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    dtype: torch.dtype,
+    disk: bool,
 ) -> None:
     """A read that fails in a worker thread surfaces from load() and every tensor goes back."""
     from devicemap.skeleton import build_skeleton
@@ -98,8 +106,10 @@ def test_a_failed_read_while_loading_keeps_nothing(
 
     monkeypatch.setattr(devicemap.reader, step, fail_late)
     skeleton = build_skeleton(tiny_models["llama"], dtype=dtype)
+    pins = {"model.layers.3": "disk"} if disk else {}
+    budgets = {"cpu": "1GiB", "disk": "1GiB"}
     with pytest.raises(CorruptCheckpoint, match="disk went away"):
-        load(skeleton, max_memory={"cpu": "1GiB"}, progress=False)
+        load(skeleton, max_memory=budgets, pins=pins, offload_exec="cpu", progress=False)
     assert len(calls) >= 20
     assert all(p.is_meta for p in skeleton.model.parameters()), "a failed load keeps nothing"
 

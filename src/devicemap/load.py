@@ -9,6 +9,7 @@ from one converted safetensors cache, written once per (model, dtype, tensors).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import mmap
@@ -214,6 +215,16 @@ class _Job:
         storage = self.where[key].storage
         self.loaded[storage] = self.loaded.get(storage, 0) + tensor.nbytes
 
+    @functools.cached_property
+    def streams_disk(self) -> bool:
+        """Whether the plan keeps weights on disk.
+
+        Then cpu-tier weights are copied into ordinary memory: as file pages they would
+        share the page cache's LRU with the disk blocks streaming through it every token,
+        and a model larger than RAM would push them out too. Without a disk tier they are
+        the checkpoint's own pages (no copy, as transformers keeps them)."""
+        return any(w.storage == DISK for w in self.where.values())
+
     def private_map(self, file: Path) -> mmap.mmap:
         """This load's copy-on-write map of `file` (cpu-tier views), made on first use."""
         if file not in self.maps:
@@ -248,11 +259,13 @@ def _place_recipe(
         return
     info, storage = recipe.inputs[0], job.where[rest[0]].storage
     if storage == CPU and _zero_copy(job, recipe, rest[0]):
-        # the file's pages, copy-on-write (as safetensors gives transformers): no copy into
-        # fresh RAM; mapped in by the read threads before load returns
-        view = checkpoint.tensor_view(info, mapping=job.private_map(info.file))
-        job.set(rest[0], view)
-        job.reads.populate(view, done=lambda n: meter.advance(CPU, n))
+        if job.streams_disk:  # RAM the disk tier's page cache cannot push out
+            tensor = _empty(info, job, rest[0])
+            job.reads.start(info, tensor, done=lambda n: meter.advance(CPU, n))  # see wait()
+        else:  # the file's pages, copy-on-write (as safetensors gives transformers)
+            tensor = checkpoint.tensor_view(info, mapping=job.private_map(info.file))
+            job.reads.populate(tensor, done=lambda n: meter.advance(CPU, n))
+        job.set(rest[0], tensor)
         return
     made = job.reader.run(recipe, job.model)
     for key in rest:
