@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
+import torch
+import typer
 from typer.testing import CliRunner
 
-from devicemap.cli import app, parse_gpus, short_size, usage_bar
+from devicemap.cli import (
+    PLANNING,
+    PlanChoices,
+    app,
+    options_from,
+    parse_gpus,
+    short_size,
+    usage_bar,
+)
 from devicemap.plan import Plan
+from devicemap.skeleton import build_skeleton
 
 LLAMA_70B = str(Path(__file__).parent / "data" / "configs" / "llama-3-70b")
 WHAT_IF = ["--max-memory", "0=40GiB", "--max-memory", "1=40GiB", "--max-memory", "cpu=64GiB"]
@@ -145,3 +157,30 @@ def test_helpers():
     ]
     assert usage_bar(1, 2, width=4) == "██░░  50%"
     assert usage_bar(0, 0, width=2) == "░░   0%"
+
+
+def test_options_from_puts_the_plan_choices_in_the_signature_and_packs_them_back():
+    seen: list[tuple[str, PlanChoices, bool]] = []
+    tiny = typer.Typer()
+
+    @tiny.command()
+    @options_from(planning=PlanChoices)
+    def show(model: str, *, planning: PlanChoices, loud: bool = False) -> None:
+        seen.append((model, planning, loud))
+
+    assert list(inspect.signature(show).parameters) == ["model", *PLANNING, "loud"]
+    result = CliRunner().invoke(tiny, ["m", "-b", "3", "--pin", "lm_head=0", "--gpus", "0,1"])
+    assert result.exit_code == 0, result.output
+    assert seen == [("m", PlanChoices(gpus="0,1", batch=3, pin=["lm_head=0"]), False)]
+
+
+def test_plan_choices_make_plan_the_users_context_wins_and_a_skeleton_keeps_its_dtype():
+    budgets = WHAT_IF[1::2]  # 0=40GiB, 1=40GiB, cpu=64GiB
+    defaulted = PlanChoices(max_memory=budgets).make_plan(LLAMA_70B, context=1024)
+    assert defaulted.options.context == 1024
+    given = PlanChoices(max_memory=budgets, context=2048, strategy="sequential")
+    made = given.make_plan(LLAMA_70B, context=1024)
+    assert made.options.context == 2048 and made.options.strategy == "sequential"
+    skeleton = build_skeleton(LLAMA_70B, dtype="float16")
+    made = PlanChoices(max_memory=budgets, dtype="float32").make_plan(skeleton, context=1024)
+    assert made.dtype == torch.float16  # --dtype went into the skeleton, not into plan() again

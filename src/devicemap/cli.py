@@ -5,10 +5,13 @@ Every devicemap error becomes one line on stderr and exit status 1, never a trac
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, cast
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, cast, get_type_hints
 
 import typer
 from rich import box
@@ -18,6 +21,7 @@ from rich.table import Table
 from .devices import DeviceLike, parse_device
 from .errors import BadSize, DevicemapError, DuplicateDevice, PinError
 from .plan import Logits, OffloadExec, Plan, Strategy, compress_names, plan
+from .skeleton import Skeleton
 
 app = typer.Typer(
     help="Plan, load and run models too big for one device, across GPUs, CPU RAM and disk.",
@@ -80,6 +84,84 @@ LogitsOpt = Annotated[
     str,
     typer.Option("--logits", help="Logits kept per prefill: last (generate) or all (forward)."),
 ]
+
+
+@dataclass(frozen=True)
+class PlanChoices:
+    """The planning options as typed, declared once for `plan`, `run`, `chat` and `bench`.
+
+    Each field's annotation is its typer option and its default the option's default;
+    `options_from(planning=PlanChoices)` puts them in a command's signature.
+    """
+
+    max_memory: MaxMemoryOpt = None
+    gpus: GpusOpt = None
+    context: ContextOpt = None
+    batch: BatchOpt = 1
+    dtype: DtypeOpt = None
+    strategy: StrategyOpt = "balanced"
+    pin: PinOpt = None
+    offload_exec: OffloadExecOpt = "gpu"
+    logits: LogitsOpt = "last"
+
+    def make_plan(self, model: str | Skeleton, *, context: int | None = None) -> Plan:
+        """plan() with these options parsed; `context` is used when --context was not given."""
+        return plan(
+            model,
+            max_memory=parse_max_memory(self.max_memory),
+            gpus=parse_gpus(self.gpus),
+            context=context if self.context is None else self.context,
+            batch=self.batch,
+            dtype=None if isinstance(model, Skeleton) else self.dtype,  # a skeleton has its own
+            strategy=cast(Strategy, self.strategy),
+            pins=parse_pin_options(self.pin),
+            offload_exec=cast(OffloadExec, self.offload_exec),
+            logits=cast(Logits, self.logits),
+        )
+
+
+# the planning options' parameter names; a saved plan (`run --plan`) replaces all of them
+PLANNING = tuple(f.name for f in fields(PlanChoices))
+
+Command = Callable[..., None]
+
+
+def options_from(**groups: type[Any]) -> Callable[[Command], Command]:
+    """Decorator: a command parameter NAME=Group becomes Group's fields, one option each.
+
+    Typer reads options from the signature, so the decorated command shows each field (its
+    Annotated option and default) where NAME stood; a call packs them back into Group(...)
+    and passes that as NAME. A dataclass of options thus serves every command that takes it.
+    """
+
+    def expand(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        parameters = [
+            option
+            for p in signature.parameters.values()
+            for option in (group_parameters(groups[p.name], p) if p.name in groups else [p])
+        ]
+
+        @functools.wraps(command)
+        def call(**options: Any) -> None:
+            for name, group in groups.items():
+                options[name] = group(**{f.name: options.pop(f.name) for f in fields(group)})
+            command(**options)
+
+        call.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        call.__annotations__ = {p.name: p.annotation for p in parameters}  # typer reads both
+        return call
+
+    return expand
+
+
+def group_parameters(group: type[Any], replaced: inspect.Parameter) -> list[inspect.Parameter]:
+    """A dataclass's fields as parameters of `replaced`'s kind, with Annotated types, defaults."""
+    hints = get_type_hints(group, include_extras=True)  # keeps typer's Annotated metadata
+    return [
+        inspect.Parameter(f.name, replaced.kind, default=f.default, annotation=hints[f.name])
+        for f in fields(group)
+    ]
 
 
 def model_argument(model: str | None) -> str:
@@ -160,17 +242,11 @@ def reporting_errors() -> Iterator[None]:
 
 
 @app.command("plan")
+@options_from(planning=PlanChoices)
 def plan_command(
     model: ModelArg = None,
-    max_memory: MaxMemoryOpt = None,
-    gpus: GpusOpt = None,
-    context: ContextOpt = None,
-    batch: BatchOpt = 1,
-    dtype: DtypeOpt = None,
-    strategy: StrategyOpt = "balanced",
-    pin: PinOpt = None,
-    offload_exec: OffloadExecOpt = "gpu",
-    logits: LogitsOpt = "last",
+    *,
+    planning: PlanChoices,
     save: Annotated[
         str | None, typer.Option("--save", help="Write the plan as JSON to FILE.")
     ] = None,
@@ -183,18 +259,7 @@ def plan_command(
 ) -> None:
     """Plan where every part of MODEL goes, counting KV cache, workspace and logits."""
     with reporting_errors():
-        result = plan(
-            model_argument(model),
-            max_memory=parse_max_memory(max_memory),
-            gpus=parse_gpus(gpus),
-            context=context,
-            batch=batch,
-            dtype=dtype,
-            strategy=cast(Strategy, strategy),
-            pins=parse_pin_options(pin),
-            offload_exec=cast(OffloadExec, offload_exec),
-            logits=cast(Logits, logits),
-        )
+        result = planning.make_plan(model_argument(model))
         if save is not None:
             result.save(save)
     if as_json:

@@ -11,8 +11,8 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -22,21 +22,12 @@ from rich.table import Table
 
 from .checkpoint import ModelSource, resolve_model
 from .cli import (
-    BatchOpt,
-    ContextOpt,
-    DtypeOpt,
-    GpusOpt,
-    LogitsOpt,
-    MaxMemoryOpt,
+    PLANNING,
     ModelArg,
-    OffloadExecOpt,
-    PinOpt,
-    StrategyOpt,
+    PlanChoices,
     app,
     model_argument,
-    parse_gpus,
-    parse_max_memory,
-    parse_pin_options,
+    options_from,
     reporting_errors,
     short_size,
 )
@@ -47,7 +38,7 @@ from .generate import Chat, Reply, ReplyStream, Sampling, build_prompt, check_co
 from .generate import stream_reply as start_reply
 from .load import load
 from .measure import MEASURES, BenchOptions, BenchResult, bench
-from .plan import Logits, OffloadExec, Plan, Strategy, plan
+from .plan import Plan
 from .skeleton import Skeleton, build_skeleton
 
 # --- shared options ----------------------------------------------------------------
@@ -90,18 +81,37 @@ RawOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")]
 
-# the parameters every command shares with `devicemap plan`; --plan replaces all of them
-PLANNING = (
-    "max_memory",
-    "gpus",
-    "context",
-    "batch",
-    "dtype",
-    "strategy",
-    "pin",
-    "offload_exec",
-    "logits",
-)
+
+@dataclass(frozen=True)
+class ReplyPlanChoices(PlanChoices):
+    """The planning options with run's --context help."""
+
+    context: ReplyContextOpt = None  # a redeclared field keeps its place: same --help order
+
+
+@dataclass(frozen=True)
+class BenchPlanChoices(PlanChoices):
+    """The planning options with bench's --context help."""
+
+    context: BenchContextOpt = None
+
+
+@dataclass(frozen=True)
+class SamplingChoices:
+    """The sampling options as typed (fields as in PlanChoices: option and default)."""
+
+    max_new_tokens: MaxNewOpt = 256
+    temperature: TemperatureOpt = 0.0
+    top_p: TopPOpt = 1.0
+    top_k: TopKOpt = 0
+    repetition_penalty: RepetitionOpt = 1.0
+    seed: SeedOpt = None
+
+    def sampling(self) -> Sampling:
+        """The Sampling, validated all at once (BadOption names each bad option)."""
+        return Sampling(**asdict(self))
+
+
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # click ParameterSource names: typed by the user
 INTERRUPTED = 130  # exit status after Ctrl-C, as shells report SIGINT
 
@@ -145,7 +155,12 @@ def open_model(model: str | None) -> tuple[ModelSource, Any]:
 
 @contextmanager
 def session(
-    ctx: typer.Context, source: ModelSource, tokenizer: Any, *, context: int | None = None
+    ctx: typer.Context,
+    planning: PlanChoices,
+    source: ModelSource,
+    tokenizer: Any,
+    *,
+    context: int | None = None,
 ) -> Iterator[Session]:
     """Plan (or read --plan) and yield the Session; `context` replaces the default context.
 
@@ -153,7 +168,7 @@ def session(
     """
     start = time.perf_counter()
     with stderr.status(f"planning {source.name}"):
-        skeleton, chosen = plan_for(ctx, source, context=context)
+        skeleton, chosen = plan_for(ctx, planning, source, context=context)
     s = Session(source, tokenizer, skeleton, chosen, time.perf_counter() - start)
     verb = "read plan" if ctx.params.get("plan_file") else "planned"
     stderr.print(
@@ -166,29 +181,15 @@ def session(
 
 
 def plan_for(
-    ctx: typer.Context, source: ModelSource, *, context: int | None
+    ctx: typer.Context, planning: PlanChoices, source: ModelSource, *, context: int | None
 ) -> tuple[Skeleton, Plan]:
     """The skeleton and the plan: the saved --plan (checked against the model) or a new one."""
-    p = ctx.params
-    if p.get("plan_file") is not None:
-        return saved_plan(ctx, source, p["plan_file"])
-    skeleton = build_skeleton(source, dtype=p["dtype"])
-    if p["context"] is not None:
-        context = p["context"]  # the user's --context wins
-    elif context is not None and skeleton.max_positions is not None:
+    if ctx.params.get("plan_file") is not None:
+        return saved_plan(ctx, source, ctx.params["plan_file"])
+    skeleton = build_skeleton(source, dtype=planning.dtype)
+    if context is not None and skeleton.max_positions is not None:
         context = min(context, skeleton.max_positions)  # check_context then says what is too long
-    made = plan(
-        skeleton,
-        max_memory=parse_max_memory(p["max_memory"]),
-        gpus=parse_gpus(p["gpus"]),
-        context=context,
-        batch=p["batch"],
-        strategy=cast(Strategy, p["strategy"]),
-        pins=parse_pin_options(p["pin"]),
-        offload_exec=cast(OffloadExec, p["offload_exec"]),
-        logits=cast(Logits, p["logits"]),
-    )
-    return skeleton, made
+    return skeleton, planning.make_plan(skeleton, context=context)  # the user's --context wins
 
 
 def saved_plan(ctx: typer.Context, source: ModelSource, path: str) -> tuple[Skeleton, Plan]:
@@ -256,56 +257,32 @@ def command_errors() -> Iterator[None]:
         raise typer.Exit(INTERRUPTED) from None
 
 
-def sampling_from(ctx: typer.Context) -> Sampling:
-    """The sampling options, validated all at once (BadOption names each bad one)."""
-    p = ctx.params
-    return Sampling(
-        max_new_tokens=p["max_new_tokens"],
-        temperature=p["temperature"],
-        top_p=p["top_p"],
-        top_k=p["top_k"],
-        repetition_penalty=p["repetition_penalty"],
-        seed=p["seed"],
-    )
-
-
 # --- run -----------------------------------------------------------------------------
 
 
 @app.command("run")
+@options_from(planning=ReplyPlanChoices, sampling_choices=SamplingChoices)
 def run_command(
     ctx: typer.Context,
     prompt: PromptOpt,
     model: ModelArg = None,
-    max_memory: MaxMemoryOpt = None,
-    gpus: GpusOpt = None,
-    context: ReplyContextOpt = None,
-    batch: BatchOpt = 1,
-    dtype: DtypeOpt = None,
-    strategy: StrategyOpt = "balanced",
-    pin: PinOpt = None,
-    offload_exec: OffloadExecOpt = "gpu",
-    logits: LogitsOpt = "last",
+    *,
+    planning: PlanChoices,
     plan_file: PlanFileOpt = None,
     system: SystemOpt = None,
     raw: RawOpt = False,
-    max_new_tokens: MaxNewOpt = 256,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    repetition_penalty: RepetitionOpt = 1.0,
-    seed: SeedOpt = None,
+    sampling_choices: SamplingChoices,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer one prompt, streaming the reply as it is generated (greedy by default)."""
     with command_errors():
-        sampling = sampling_from(ctx)
+        sampling = sampling_choices.sampling()
         text = sys.stdin.read() if prompt == "-" else prompt
         source, tokenizer = open_model(model)
         messages = [{"role": "system", "content": system}] if system else []
         ids = build_prompt(tokenizer, [*messages, {"role": "user", "content": text}], raw=raw)
         needed = int(ids.shape[-1]) + sampling.max_new_tokens  # tokens: plan for what runs
-        with session(ctx, source, tokenizer, context=needed) as s:
+        with session(ctx, planning, source, tokenizer, context=needed) as s:
             check_context(
                 int(ids.shape[-1]),
                 sampling.max_new_tokens,
@@ -380,34 +357,23 @@ def reply_json(s: Session, reply: Reply, *, prompt: str) -> dict[str, Any]:
 
 
 @app.command("chat")
+@options_from(planning=PlanChoices, sampling_choices=SamplingChoices)
 def chat_command(
     ctx: typer.Context,
     model: ModelArg = None,
-    max_memory: MaxMemoryOpt = None,
-    gpus: GpusOpt = None,
-    context: ContextOpt = None,
-    batch: BatchOpt = 1,
-    dtype: DtypeOpt = None,
-    strategy: StrategyOpt = "balanced",
-    pin: PinOpt = None,
-    offload_exec: OffloadExecOpt = "gpu",
-    logits: LogitsOpt = "last",
+    *,
+    planning: PlanChoices,
     plan_file: PlanFileOpt = None,
     system: SystemOpt = None,
-    max_new_tokens: MaxNewOpt = 256,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    repetition_penalty: RepetitionOpt = 1.0,
-    seed: SeedOpt = None,
+    sampling_choices: SamplingChoices,
 ) -> None:
     """Chat with MODEL, one message per line; /reset forgets the history, /exit ends.
 
     Ctrl-C stops the reply being written, not the session. Standard input may be a pipe.
     """
     with command_errors():
-        sampling = sampling_from(ctx)
-        with session(ctx, *open_model(model)) as s:
+        sampling = sampling_choices.sampling()
+        with session(ctx, planning, *open_model(model)) as s:
             s.load()
             chat = Chat(
                 s.model,
@@ -468,18 +434,12 @@ def answer(chat: Chat, text: str) -> None:
 
 
 @app.command("bench")
+@options_from(planning=BenchPlanChoices)
 def bench_command(
     ctx: typer.Context,
     model: ModelArg = None,
-    max_memory: MaxMemoryOpt = None,
-    gpus: GpusOpt = None,
-    context: BenchContextOpt = None,
-    batch: BatchOpt = 1,
-    dtype: DtypeOpt = None,
-    strategy: StrategyOpt = "balanced",
-    pin: PinOpt = None,
-    offload_exec: OffloadExecOpt = "gpu",
-    logits: LogitsOpt = "last",
+    *,
+    planning: PlanChoices,
     plan_file: PlanFileOpt = None,
     prompt_tokens: Annotated[
         int, typer.Option("--prompt-tokens", help="Prompt length for prefill (random tokens).")
@@ -495,7 +455,7 @@ def bench_command(
     """
     with command_errors():
         options = BenchOptions(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
-        with session(ctx, *open_model(model), context=options.context) as s:
+        with session(ctx, planning, *open_model(model), context=options.context) as s:
             check_context(
                 prompt_tokens, new_tokens, s.plan.options.context, limit=s.skeleton.max_positions
             )
