@@ -218,8 +218,8 @@ def main() -> None:
     parser.add_argument("--models", default="smollm,tinyllama")
     parser.add_argument("--fractions", default="0,0.5,0.75")
     parser.add_argument("--tokens", type=int, default=24, help="decode steps per run")
-    parser.add_argument("--runs", type=int, default=3, help="runs per engine (median)")
-    parser.add_argument("--cold-rounds", type=int, default=5, help="cold rounds; 0 skips")
+    parser.add_argument("--runs", type=int, default=5, help="runs per engine (median)")
+    parser.add_argument("--cold-rounds", type=int, default=9, help="cold rounds; 0 skips")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [
