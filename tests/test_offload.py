@@ -221,6 +221,20 @@ def test_missing_pages_at_a_forwards_start_wake_every_quiet_block(
         prefetcher.close()
 
 
+def test_the_page_worker_is_joined_on_close_and_at_interpreter_exit(
+    disk_llama: tuple[Any, Any, Path],
+) -> None:
+    """A daemon thread still in torch code when the interpreter finalizes aborts the process
+    (pthread_exit through C++ frames): the worker must be stopped before that, at exit."""
+    model, plan, _ = disk_llama
+    disk = [n for n, v in plan.device_map.items() if v == "disk"]
+    prefetcher = PagePrefetcher([block_weights(n, model.get_submodule(n)) for n in disk])
+    assert prefetcher._stop.atexit and prefetcher._stop.alive  # runs at exit if never closed
+    prefetcher.close()
+    assert not prefetcher._thread.is_alive() and not prefetcher._stop.alive
+    prefetcher.close()  # twice is fine
+
+
 def test_a_block_the_worker_has_in_hand_is_waited_for_not_faulted_twice(
     disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -171,7 +171,10 @@ class PagePrefetcher:
             daemon=True,
         )
         self._thread.start()
-        weakref.finalize(self, self._jobs.put, None)  # dropped without close(): thread ends
+        # close(), dropping the prefetcher, or interpreter exit (finalize runs atexit) stop
+        # and join the worker while the interpreter is whole: a thread still running torch
+        # code during finalization is killed by pthread_exit, which aborts the process
+        self._stop = weakref.finalize(self, _stop_worker, self._jobs, self._thread)
 
     def begin(self) -> None:
         """A forward starts: check its first blocks now, even if quiet or asked for already.
@@ -205,8 +208,7 @@ class PagePrefetcher:
         self._jobs.join()
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+        self._stop()
         self._pages.clear()
 
     def _request_from(self, name: str, *, running: str | None, force: bool = False) -> None:
@@ -233,6 +235,11 @@ class PagePrefetcher:
 
 
 _Job = tuple[str, Pages, threading.Event]
+
+
+def _stop_worker(jobs: queue.Queue[_Job | None], thread: threading.Thread) -> None:
+    jobs.put(None)
+    thread.join()
 
 
 def _fault_in_forever(
