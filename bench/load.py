@@ -2,9 +2,10 @@
 
 Each load runs in a fresh subprocess (peak RSS is per process), alternating engines,
 with the page cache warm (one untimed read of the files first). "ready" adds the first
-forward (16 tokens): transformers maps CPU weights lazily and pays for them there, while
-devicemap copies CPU-stored weights into RAM at load; only load + first forward compares
-the same work. Peak RSS is taken after that forward (file pages that were touched count).
+forward (16 tokens): transformers maps CPU weights lazily and pays for them there; only
+load + first forward compares the same work. Peak RSS is taken after that forward (file
+pages that were touched count); "anon" is the growth of anonymous memory by then, the part
+of RSS the kernel cannot reclaim (mapped checkpoint pages it can).
 
     python bench/load.py                       # tinyllama bf16, 0 % and 75 % of layers on disk
     python bench/load.py --models smollm --fractions 0.5 --runs 5
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from decode import MODELS, load_devicemap, plan_options
+from devicemap.measure import read_rss
 from models import bench_model
 from report import median, write
 
@@ -33,6 +35,7 @@ def child(engine: str, shape: str, fraction: float) -> None:
     dtype = MODELS[shape]
     path = bench_model(shape, dtype)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, after imports
+    base_anon = read_rss().get("anon", 0)
     start = time.perf_counter()
     if engine == "devicemap":
         model = load_devicemap(path, dtype, fraction)
@@ -50,8 +53,9 @@ def child(engine: str, shape: str, fraction: float) -> None:
         model(torch.arange(3, 19).unsqueeze(0))  # [1, 16]: touches every weight once
     ready = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    anon = read_rss().get("anon", 0)  # bytes of RSS the kernel cannot reclaim (no swap)
     print(json.dumps({"seconds": seconds, "ready": ready, "peak_rss": peak,
-                      "rss_growth": peak - base}))  # fmt: skip
+                      "rss_growth": peak - base, "anon": anon - base_anon}))  # fmt: skip
 
 
 def _plan(path: Path, dtype: torch.dtype, fraction: float) -> Any:
@@ -96,6 +100,7 @@ def main() -> None:
                 row[f"{engine}_ready_s"] = median([r["ready"] for r in results])
                 row[f"{engine}_peak_MB"] = median([r["peak_rss"] for r in results]) / 1e6
                 row[f"{engine}_growth_MB"] = median([r["rss_growth"] for r in results]) / 1e6
+                row[f"{engine}_anon_MB"] = median([r["anon"] for r in results]) / 1e6
             row["load dm/tf"] = row["devicemap_s"] / row["transformers_s"]
             row["ready dm/tf"] = row["devicemap_ready_s"] / row["transformers_ready_s"]
             row["peak dm/tf"] = row["devicemap_peak_MB"] / row["transformers_peak_MB"]
