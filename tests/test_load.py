@@ -609,6 +609,33 @@ def test_device_out_of_memory_names_device_sizes_and_a_plan_and_frees_everything
     assert all(p.is_meta for p in skeleton.model.parameters()), "a failed load keeps nothing"
 
 
+def test_cpu_out_of_memory_beside_a_disk_tier_is_device_out_of_memory(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cpu-tier weights read into RAM (a disk tier exists): the CPU allocator's plain
+    RuntimeError becomes DeviceOutOfMemory naming the cpu, and nothing stays loaded."""
+    skeleton = build_skeleton(tiny_models["llama"])
+    mapping = alternate(skeleton)
+    plan = hand_plan(skeleton, mapping)
+    victim = skeleton.model.model.layers[2].mlp.up_proj.weight  # layer 2: cpu
+    assert mapping["model.layers.2"] == "cpu"
+    empty = torch.empty
+
+    def full_ram(*args: Any, **kwargs: Any) -> torch.Tensor:
+        shape = args[0] if args and isinstance(args[0], tuple | torch.Size) else None
+        if shape is not None and tuple(shape) == tuple(victim.shape) and "dtype" in kwargs:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ...")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", full_ram)
+    with pytest.raises(DeviceOutOfMemory) as caught:
+        place(skeleton, plan, read_index(skeleton.source), offload_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    assert "cpu ran out of memory while loading model.layers." in str(caught.value)
+    assert "max_memory=" in str(caught.value)
+    assert all(p.is_meta for p in skeleton.model.parameters()), "a failed load keeps nothing"
+
+
 # --- memory: peak RSS while loading, measured in a fresh process -----------------------------
 
 _RSS_CHILD = textwrap.dedent(
