@@ -21,9 +21,6 @@ from typing import Any
 
 import psutil
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
-from rich.text import Text
 
 from . import checkpoint
 from .checkpoint import CheckpointIndex, TensorInfo
@@ -39,6 +36,7 @@ from .convert import (
 from .devices import CPU, DISK, Device, format_size, parse_device
 from .errors import DeviceOutOfMemory, LoadError, PlanMismatch
 from .plan import Plan
+from .progress import Meter, progress_bar
 from .reader import ReadPool
 from .skeleton import Skeleton, build_skeleton
 
@@ -109,7 +107,7 @@ def place(
     raise_on_mismatch(keys, skeleton.source.name)
     job = _Job(model, plan, keys, where)
     try:
-        with _meter(job, progress) as meter, job.reads:  # on error: no read outlives the pool
+        with progress_bar(_totals(job), progress) as meter, job.reads:  # no read outlives the pool
             cached = _offload(job, _offload_dir(offload_dir), skeleton, meter)
             for recipe in keys.recipes:
                 _place_recipe(job, recipe, cached, meter)
@@ -244,7 +242,7 @@ class _Job:
 
 
 def _place_recipe(
-    job: _Job, recipe: Recipe, cached: Mapping[str, TensorInfo], meter: _Meter
+    job: _Job, recipe: Recipe, cached: Mapping[str, TensorInfo], meter: Meter
 ) -> None:
     """Make the recipe's targets and put each on its storage device (disk: a file view)."""
     rest = []
@@ -396,9 +394,7 @@ def _offload_dir(offload_dir: str | os.PathLike[str] | None) -> Path:
     return Path(os.environ.get("DEVICEMAP_CACHE", "~/.cache/devicemap")).expanduser() / "offload"
 
 
-def _offload(
-    job: _Job, directory: Path, skeleton: Skeleton, meter: _Meter
-) -> dict[str, TensorInfo]:
+def _offload(job: _Job, directory: Path, skeleton: Skeleton, meter: Meter) -> dict[str, TensorInfo]:
     """Disk tensors that cannot be the checkpoint itself, in one converted safetensors file."""
     todo = {
         key: recipe
@@ -428,7 +424,7 @@ def _fingerprint(job: _Job, skeleton: Skeleton, todo: Mapping[str, Recipe]) -> s
 
 
 def _converted(
-    job: _Job, todo: Mapping[str, Recipe], meter: _Meter
+    job: _Job, todo: Mapping[str, Recipe], meter: Meter
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each cached tensor in turn, made by its recipe (each recipe runs once for its targets)."""
     made: dict[str, torch.Tensor] = {}
@@ -441,46 +437,14 @@ def _converted(
         meter.advance(DISK, tensor.nbytes)
 
 
-# --- progress ---------------------------------------------------------------------
-
-
-class _GBps(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed  # bytes/s
-        return Text(
-            f"{speed / 1e9:.2f} GB/s" if speed else "-.-- GB/s", style="progress.data.speed"
-        )
-
-
-@dataclass
-class _Meter:
-    progress: Progress
-    tasks: dict[Device, Any]
-
-    def advance(self, device: Device, nbytes: int) -> None:
-        self.progress.advance(self.tasks[device], nbytes)
-
-
-@contextlib.contextmanager
-def _meter(job: _Job, enabled: bool) -> Iterator[_Meter]:
-    """A rich progress bar on stderr: bytes done / total and GB/s, one line per storage device."""
+def _totals(job: _Job) -> dict[Device, int]:
+    """Bytes to place per storage device, for the progress bar."""
     totals: dict[Device, int] = {}
     for recipe in job.keys.recipes:
         for key in recipe.targets:
             storage = job.where[key].storage
             totals[storage] = totals.get(storage, 0) + job.nbytes(key)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        _GBps(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-    ordered = sorted(totals, key=lambda d: d.sort_key)
-    tasks = {d: progress.add_task(f"loading -> {d}", total=totals[d]) for d in ordered}
-    with progress:
-        yield _Meter(progress, tasks)
+    return totals
 
 
 # --- after the weights -------------------------------------------------------------
