@@ -29,6 +29,7 @@ from devicemap.offload import (
     GpuStreamer,
     PagePrefetcher,
     Successors,
+    _typed,
     block_weights,
     lookahead,
 )
@@ -477,7 +478,9 @@ def test_cpu_tier_blocks_are_pinned_in_place_once(
     weight = model.model.layers[2].mlp.up_proj.weight
     assert _inside(weight, [buffer])  # the cpu-tier weights now live in the locked buffer
     disk_bytes = [streamer._blocks[n].nbytes for n in (names[0], names[2])]
-    assert streamer._arena.shape == (2, max(disk_bytes))  # the arena stages disk blocks only
+    chunk = min(GpuStreamer.RING_CHUNK, max(disk_bytes))
+    assert streamer._ring.shape == (GpuStreamer.RING_SLOTS, chunk)  # stages disk blocks only
+    assert set(streamer._pages) == {names[0], names[2]}
     batch = batch_for("llama")
     assert torch.equal(model(**batch).logits, plain(**batch).logits)
     assert _inside(weight, [buffer])  # and point back there after running
@@ -495,7 +498,7 @@ def test_a_pinned_block_is_copied_to_the_device_without_staging(
     model, _, _ = disk_llama
     plain = build_tiny("llama", hidden_size=128, intermediate_size=512)
     streamer, _ = stream_blocks(model, ["model.layers.2"], in_ram=("model.layers.2",))
-    assert streamer._arena.numel() == 0  # nothing to stage: any staging copy would fail
+    assert streamer._ring.numel() == 0  # nothing to stage: any staging copy would fail
     batch = batch_for("llama")
     for _ in range(2):
         streamer.begin()
@@ -512,5 +515,31 @@ def test_a_block_the_driver_will_not_lock_is_staged(
     host = weight.data_ptr()
     streamer, _ = stream_blocks(model, ["model.layers.2"], in_ram=("model.layers.2",))
     assert not streamer._pinned and weight.data_ptr() == host  # left where it was
-    assert streamer._arena.shape == (2, streamer._blocks["model.layers.2"].nbytes)
+    nbytes = streamer._blocks["model.layers.2"].nbytes
+    assert streamer._ring.shape == (GpuStreamer.RING_SLOTS, min(GpuStreamer.RING_CHUNK, nbytes))
+    streamer.close()
+
+
+@torch.no_grad()
+def test_disk_blocks_staged_in_chunks_that_cut_through_tensors_arrive_whole(
+    fake_cuda: None, disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1000-byte ring: chunk edges fall inside tensors and inside the ALIGN padding, and
+    every ring slot is reused many times per block; the device buffer must still hold each
+    tensor's exact bytes."""
+    model, _, _ = disk_llama
+    plain = build_tiny("llama", hidden_size=128, intermediate_size=512)
+    monkeypatch.setattr(GpuStreamer, "RING_CHUNK", 1000)
+    names = ["model.layers.1", "model.layers.3"]  # both on disk
+    streamer, _ = stream_blocks(model, names)
+    assert streamer._ring.shape == (GpuStreamer.RING_SLOTS, 1000)
+    batch = batch_for("llama")
+    for _ in range(2):
+        streamer.begin()
+        assert torch.equal(model(**batch).logits, plain(**batch).logits)
+    block = streamer._blocks[names[1]]
+    slot = streamer._find(names[1])
+    assert slot is not None
+    for host, offset in zip(block.host, block.offsets, strict=True):
+        assert torch.equal(_typed(streamer._buffers[slot], offset, host), host)
     streamer.close()

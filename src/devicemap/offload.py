@@ -6,11 +6,12 @@ A block's storage (`cuda:N`, `cpu`, `disk`) and its execution device are separat
 - `PagePrefetcher`: disk-stored blocks executing on the CPU compute straight from the
   memory-mapped checkpoint; while block k runs, a background thread faults in block
   k+1's pages (madvise(MADV_POPULATE_READ): read and map in one call).
-- `GpuStreamer`: cpu/disk-stored blocks executing on a GPU are copied in whole, one
-  transfer per block: host -> one pinned staging arena (sized once) -> one of two
-  preallocated device buffers, on a side CUDA stream ordered by events. While block
-  k runs from one buffer, block k+1 is copied into the other. The block's parameters
-  point at views of its buffer only while it runs.
+- `GpuStreamer`: cpu/disk-stored blocks executing on a GPU are copied in whole into
+  one of two preallocated device buffers, on a side CUDA stream ordered by events: a
+  cpu-tier block in one copy from its own page-locked buffer, a disk block through one
+  pinned staging ring (allocated once, a few chunks). While block k runs from one
+  buffer, block k+1 is copied into the other. The block's parameters point at views of
+  its buffer only while it runs.
 
 Both share the hook protocol `begin()` (a forward starts), `enter(name)` (block
 pre-hook), `exit(name)` (block forward hook) and `close()`. Nothing on the hot path
@@ -270,15 +271,20 @@ def _fault_in_forever(
 class GpuStreamer:
     """cpu/disk-stored blocks executing on one GPU, streamed in whole and double-buffered.
 
-    Per block: a worker thread copies its host tensors into one half of the pinned arena
-    (for disk this is where the pages are read), then queues one pinned -> device copy on
-    the side stream into the matching device buffer, after that buffer's last reader
-    finished (event `free`), and records `ready`. The compute stream waits on `ready`;
-    the host never waits on the device. A cpu-tier block (`in_ram`) lives in its own
-    page-locked buffer from the start and skips the arena.
+    Per block: a worker thread queues, on the side stream and after the device buffer's
+    last reader finished (event `free`), the copies that fill that buffer, then records
+    `ready`; the compute stream waits on `ready`, and the host never waits on the device.
+    A cpu-tier block (`in_ram`) lives in its own page-locked buffer from the start: one
+    copy. A disk block goes through a small ring of pinned chunks: the worker copies a
+    chunk of the block's bytes into a free ring slot (this reads the file's pages) and
+    queues its host -> device copy, so the memcpy of chunk i+1 overlaps the transfer of
+    chunk i, and pinned host memory stays RING_SLOTS x RING_CHUNK whatever the block size
+    (a whole-block arena would pin 2 x 1.7 GB for a Llama-3-70B layer).
     """
 
     SLOTS = 2  # double buffer: one block runs, the next arrives
+    RING_SLOTS = 4  # pinned chunks a disk block is staged through
+    RING_CHUNK = 64 << 20  # bytes per chunk
 
     def __init__(self, device: torch.device, blocks: Sequence[BlockWeights], *, prefetch: bool):
         assert blocks, "GpuStreamer needs at least one block"
@@ -289,21 +295,21 @@ class GpuStreamer:
         # each block is one host -> device copy at PCIe speed with no staging copy first
         self._pinned = {b.name: p for b in blocks if b.in_ram and (p := self._pin(b)) is not None}
         capacity = max(b.nbytes for b in blocks)  # bytes: the largest block fits one slot
-        staged = [b.nbytes for b in blocks if b.name not in self._pinned]  # disk blocks
         self._pages = {  # of the staged (disk) blocks: read in before the staging copy
             b.name: page_ranges(b.host) for b in blocks if b.name not in self._pinned
         }
-        pinned = device.type == "cuda" and bool(staged)  # (tests: CPU, fake events)
-        self._arena = torch.empty(
-            (self.SLOTS, max(staged, default=0)), dtype=torch.uint8, pin_memory=pinned
-        )
+        staged = max((self._blocks[n].nbytes for n in self._pages), default=0)  # bytes
+        chunk = min(self.RING_CHUNK, staged)
+        pinned = device.type == "cuda" and chunk > 0  # (tests: CPU, fake events)
+        self._ring = torch.empty((self.RING_SLOTS, chunk), dtype=torch.uint8, pin_memory=pinned)
+        self._ring_free = _events(self.RING_SLOTS)  # the copy out of that chunk finished
+        self._ring_next = 0  # the ring slot to fill next (worker thread only)
         self._buffers = [
             torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(self.SLOTS)
         ]
         self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self._ready = _events(self.SLOTS)  # buffer filled
         self._free = _events(self.SLOTS)  # buffer's reader done
-        self._staged = _events(self.SLOTS)  # arena half copied out
         self._holder: list[str | None] = [None] * self.SLOTS  # block a buffer holds or will
         self._jobs: list[Future[None] | None] = [None] * self.SLOTS
         self._active = [0] * self.SLOTS  # calls running from each buffer (re-entry counts)
@@ -360,7 +366,7 @@ class GpuStreamer:
         self._buffers.clear()
         self._blocks.clear()
         self._pages.clear()
-        del self._arena, self._stream, self._ready, self._free, self._staged
+        del self._ring, self._stream, self._ready, self._free, self._ring_free
 
     # -- buffers ------------------------------------------------------------------------
 
@@ -410,26 +416,35 @@ class GpuStreamer:
         return buffer
 
     def _copy_in(self, name: str, slot: int) -> None:
-        """Worker thread: host -> pinned arena half `slot` -> device buffer `slot`.
-
-        A pinned (cpu-tier) block skips the arena: one copy from its own buffer."""
-        if name in self._pinned:
-            with torch.cuda.stream(self._stream):
-                self._stream.wait_event(self._free[slot])  # last reader of the buffer is done
-                source = self._pinned[name]
-                self._buffers[slot][: source.numel()].copy_(source, non_blocking=True)
-                self._ready[slot].record(self._stream)
-            return
-        block, pinned = self._blocks[name], self._arena[slot]
-        fault_in(self._pages[name])  # one reader of the file (the copy below is threaded)
-        self._staged[slot].synchronize()  # the previous copy out of this arena half finished
-        for host, offset in zip(block.host, block.offsets, strict=True):
-            _typed(pinned, offset, host).copy_(host)  # reads mmap pages for disk blocks
+        """Worker thread: the block's bytes -> device buffer `slot`, copies queued on the
+        side stream after the buffer's last reader; then `ready`."""
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(self._free[slot])  # last reader of the buffer is done
-            self._buffers[slot][: block.nbytes].copy_(pinned[: block.nbytes], non_blocking=True)
+            buffer = self._buffers[slot]
+            if name in self._pinned:  # page-locked already: one copy
+                source = self._pinned[name]
+                buffer[: source.numel()].copy_(source, non_blocking=True)
+            else:
+                self._stage_through_ring(name, buffer)
             self._ready[slot].record(self._stream)
-            self._staged[slot].record(self._stream)
+
+    def _stage_through_ring(self, name: str, buffer: torch.Tensor) -> None:
+        """A disk block chunk by chunk: file pages -> a pinned ring slot -> `buffer`."""
+        block = self._blocks[name]
+        fault_in(self._pages[name])  # one reader of the file (the copies below are threaded)
+        chunk = self._ring.shape[1]
+        raws = [_raw(host) for host in block.host]
+        for start in range(0, block.nbytes, chunk):
+            end = min(start + chunk, block.nbytes)
+            r, self._ring_next = self._ring_next, (self._ring_next + 1) % self.RING_SLOTS
+            self._ring_free[r].synchronize()  # its previous copy to the device finished
+            ring = self._ring[r]
+            for raw, offset in zip(raws, block.offsets, strict=True):
+                lo, hi = max(start, offset), min(end, offset + raw.numel())
+                if lo < hi:  # the part of this tensor inside [start, end)
+                    ring[lo - start : hi - start].copy_(raw[lo - offset : hi - offset])
+            buffer[start:end].copy_(ring[: end - start], non_blocking=True)
+            self._ring_free[r].record(self._stream)
 
     def _slot_views(self, name: str, slot: int) -> list[torch.Tensor]:
         views = self._views.get((name, slot))
@@ -470,6 +485,11 @@ def _unpin_all(pinned: dict[str, torch.Tensor]) -> None:
 
 def _events(count: int) -> list[torch.cuda.Event]:
     return [torch.cuda.Event() for _ in range(count)]  # type: ignore[no-untyped-call]
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view, [nbytes]."""
+    return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def _typed(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
