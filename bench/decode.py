@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import devicemap
+import devicemap.offload
 from models import bench_model, decoder_layers
 from report import median, write
 
@@ -220,7 +221,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="decode steps per run")
     parser.add_argument("--runs", type=int, default=5, help="runs per engine (median)")
     parser.add_argument("--cold-rounds", type=int, default=9, help="cold rounds; 0 skips")
+    parser.add_argument("--lookahead-mib", type=int, help="page prefetch look-ahead (64)")
     args = parser.parse_args()
+    if args.lookahead_mib is not None:  # blocks ahead = this / block size, 2 to 8
+        devicemap.offload.LOOKAHEAD = args.lookahead_mib << 20
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [
         bench_one(shape, float(fraction), args)

@@ -305,7 +305,7 @@ def test_lookahead_keeps_a_fixed_amount_of_bytes_on_the_way() -> None:
 
     assert offload.LOOKAHEAD == 64 << 20
     assert lookahead(blocks(14, 14, 14, 100)) == 5  # smollm-sized blocks: 5 x 14 MiB
-    assert lookahead(blocks(44, 44, 44)) == 2  # tinyllama-sized: never fewer than 2
+    assert lookahead(blocks(88, 88, 88)) == 2  # tinyllama-sized: never fewer than 2
     assert lookahead(blocks(1700, 1700)) == 2  # a 70B layer: 2, not gigabytes more
     assert lookahead(blocks(1, 1, 1)) == 8  # tiny blocks: at most 8
     assert lookahead(blocks(0)) == 8  # (empty blocks do not divide by zero)

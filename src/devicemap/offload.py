@@ -123,9 +123,9 @@ LOOKAHEAD = 64 << 20  # bytes of disk blocks a page prefetcher keeps on their wa
 def lookahead(blocks: Sequence[BlockWeights]) -> int:
     """Blocks to fault in ahead: LOOKAHEAD bytes' worth of the typical block, 2 to 8.
 
-    Measured (bench/decode.py's model, smollm fp32, 14 MB blocks, 75% on disk, evicted
-    before every step, 6 rounds): 0.84x the disk bound with 2 blocks ahead, 0.91x with 4,
-    0.92x with 8; tinyllama's 44 MB blocks get 2."""
+    Measured (`python bench/decode.py --models smollm --fractions 0.75 --runs 1
+    --lookahead-mib N`: 14 MB blocks, evicted before every step, 9 rounds): 0.93x the disk
+    bound with 2 blocks ahead (N=1), 0.95x with 5 (N=64); tinyllama's 88 MB blocks get 2."""
     sizes = sorted(b.nbytes for b in blocks)
     typical = max(sizes[len(sizes) // 2], 1)  # bytes, the median block
     return min(8, max(2, -(-LOOKAHEAD // typical)))
@@ -192,8 +192,8 @@ class PagePrefetcher:
         blocks after it.
 
         Waiting, not faulting its pages here too: two readers of the file interleave and
-        defeat the kernel's read-ahead (measured, 2 cores: one thread populating 14 MB
-        spans in order read 3.2 GB/s, two threads 1.4 GB/s). Asking afterwards: if the
+        defeat the kernel's read-ahead (`python bench/io.py`: 14 MiB spans populated cold,
+        one reader in file order 3.4 GB/s, two readers 2.0 GB/s). Asking afterwards: if the
         worker found `name`'s pages missing, the blocks asked for now are checked even if
         they were quiet. The blocks already asked for keep the worker busy meanwhile."""
         pending = self._inflight.pop(name, None)

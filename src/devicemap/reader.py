@@ -1,11 +1,11 @@
 """Reading checkpoint tensors into memory: several threads, each `pread`ing a chunk.
 
-Used for tensors that are converted (another dtype, fused experts) or go to a GPU, and
-to map in the pages of cpu-stored weights that stay views of the file. One thread
-copying from the page cache into fresh memory ran at 1-2 GB/s on a 2-core machine (the
-kernel zeroes and maps each new page, then copies); two threads reading 8-16 MiB chunks
-at 4-4.7 GB/s (2.2 GB of tinyllama shards, page cache warm). Reads of a cold file
-overlap in the disk's queue the same way.
+Used for tensors that are converted (another dtype, fused experts), go to a GPU, or stay
+in RAM beside a disk tier, and to map in the pages of cpu-stored weights that stay views
+of the file. Copying from the page cache into fresh memory is CPU-bound (the kernel
+zeroes and maps each new page, then copies): `python bench/io.py` on 2 cores, tinyllama's
+shards warm: one thread 2.1 GB/s, this pool (2 threads, 8 MiB chunks) 3.7 GB/s. Reads
+of a cold file overlap in the disk's queue the same way.
 """
 
 from __future__ import annotations
