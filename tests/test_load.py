@@ -27,6 +27,7 @@ from devicemap.checkpoint import read_index
 from devicemap.devices import format_size, parse_device
 from devicemap.errors import (
     CorruptCheckpoint,
+    DeviceNotPresent,
     DeviceOutOfMemory,
     KeyMismatch,
     OffloadError,
@@ -598,6 +599,7 @@ def test_device_out_of_memory_names_device_sizes_and_a_plan_and_frees_everything
         return copy(tensor, device, dtype)
 
     monkeypatch.setattr(load_module, "_copy", fake_gpu)
+    monkeypatch.setattr(load_module, "present", lambda device: True)  # a cuda:0 "exists"
     plan = hand_plan(skeleton, mapping)
     with pytest.raises(DeviceOutOfMemory) as caught:
         place(skeleton, plan, read_index(skeleton.source), progress=False)
@@ -607,6 +609,24 @@ def test_device_out_of_memory_names_device_sizes_and_a_plan_and_frees_everything
     assert f"the plan puts {format_size(needed)} of weights there" in message
     assert "max_memory=" in message and "'cuda:0'" in message
     assert all(p.is_meta for p in skeleton.model.parameters()), "a failed load keeps nothing"
+
+
+def test_a_plan_for_devices_this_machine_lacks_fails_before_allocating(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A what-if plan (GPUs 6 and 7 that are not here) is refused with the devices named."""
+    path = tiny_models["llama"]
+    budgets = {6: "1GiB", 7: "1GiB", "cpu": "1GiB"}
+    plan = devicemap.plan(path, max_memory=budgets, context=32, pins={"lm_head": 7})
+    assert set(plan.device_map.values()) == {6, 7}
+    plan.save(tmp_path / "elsewhere.json")
+    skeleton = build_skeleton(path)
+    with pytest.raises(DeviceNotPresent) as caught:
+        load(skeleton, plan=devicemap.Plan.load(tmp_path / "elsewhere.json"), progress=False)
+    message = str(caught.value)
+    assert "uses cuda:6, cuda:7, which this machine does not have" in message
+    assert "devicemap.plan(model, ...)" in message
+    assert all(p.is_meta for p in skeleton.model.parameters()), "nothing was allocated"
 
 
 def test_cpu_out_of_memory_beside_a_disk_tier_is_device_out_of_memory(

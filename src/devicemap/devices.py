@@ -194,6 +194,16 @@ def inventory(*, offload_dir: str | os.PathLike[str] | None = None) -> Inventory
     return Inventory(free=free, total=total)
 
 
+def present(device: Device) -> bool:
+    """Whether this machine has `device` (cpu and disk: always)."""
+    if device.kind == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return mps is not None and bool(mps.is_available())
+    return True
+
+
 def _existing_parent(path: str | os.PathLike[str]) -> str:
     path = os.path.abspath(os.fspath(path))
     while not os.path.exists(path):

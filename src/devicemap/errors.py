@@ -30,6 +30,10 @@ class DuplicateDevice(DeviceError, ValueError):
     """The same device given twice (e.g. 0 and "cuda:0")."""
 
 
+class DeviceNotPresent(DeviceError, RuntimeError):
+    """A plan uses a device this machine does not have (a what-if plan, or one made elsewhere)."""
+
+
 # --- model and checkpoint ---------------------------------------------------
 
 

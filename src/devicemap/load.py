@@ -33,8 +33,8 @@ from .convert import (
     raise_on_mismatch,
     run_recipe,
 )
-from .devices import CPU, DISK, Device, format_size, parse_device
-from .errors import DeviceOutOfMemory, LoadError, PlanMismatch
+from .devices import CPU, DISK, Device, format_size, inventory, parse_device, present
+from .errors import DeviceNotPresent, DeviceOutOfMemory, LoadError, PlanMismatch
 from .plan import Plan
 from .progress import Meter, progress_bar
 from .reader import ReadPool
@@ -102,6 +102,7 @@ def place(
             f"the plan for {plan.model} is for {plan.dtype} but the model was built for"
             f" {skeleton.dtype}; build it with build_skeleton(..., dtype={plan.dtype})"
         )
+    _check_present(plan)
     where = _placement(model, plan)
     keys = map_checkpoint(model, index)
     raise_on_mismatch(keys, skeleton.source.name)
@@ -147,6 +148,22 @@ def _placement(model: torch.nn.Module, plan: Plan) -> dict[str, _Where]:
             + "make a new plan for this model with devicemap.plan(model, ...)"
         )
     return where
+
+
+def _check_present(plan: Plan) -> None:
+    """DeviceNotPresent before any allocation if the plan uses a device this machine lacks."""
+    used = {parse_device(v) for v in [*plan.device_map.values(), *plan.exec_map.values()]}
+    missing = sorted((d for d in used if not present(d)), key=lambda d: d.sort_key)
+    if not missing:
+        return
+    gpus = ", ".join(str(d) for d in inventory().gpus)
+    here = f"{gpus}, cpu and disk" if gpus else "cpu and disk, no GPU"
+    raise DeviceNotPresent(
+        f"the plan for {plan.model} uses {', '.join(map(str, missing))}, which this machine"
+        f" does not have (it has {here}). A what-if plan or one made"
+        " on another machine cannot be loaded here: plan again on this machine with"
+        " devicemap.plan(model, ...), or load without a plan"
+    )
 
 
 def _block_of(key: str, device_map: Mapping[str, Any]) -> str | None:
