@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 
 import devicemap
 import devicemap.offload
+from devicemap.pages import file_mappings
 from models import bench_model, decoder_layers
 from report import median, write
 
@@ -115,19 +116,16 @@ def evict(ranges: Ranges) -> None:
     same files that hold cpu-stored weights stay: in RAM is where the plan keeps them.
     """
     page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            file = Path(fields[5].strip()) if len(fields) == 6 else None
-            if file not in ranges:
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            base = start - int(fields[2], 16)  # the address of file offset 0
-            for offset, nbytes in ranges[file]:
-                lo = max(start, (base + offset) // page * page)
-                hi = min(end, base + offset + nbytes)
-                if lo < hi:
-                    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)
+    for mapping in file_mappings() or []:
+        file = Path(mapping.path)
+        if file not in ranges:
+            continue
+        base = mapping.start - mapping.offset  # the address of file offset 0
+        for offset, nbytes in ranges[file]:
+            lo = max(mapping.start, (base + offset) // page * page)
+            hi = min(mapping.end, base + offset + nbytes)
+            if lo < hi:
+                _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)
     for file, spans in ranges.items():
         fd = os.open(file, os.O_RDONLY)
         try:

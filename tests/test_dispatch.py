@@ -37,6 +37,7 @@ from devicemap.dispatch import (
 )
 from devicemap.errors import LoadError, PlanError, UnknownDevice
 from devicemap.mover import Mover, first_device
+from devicemap.pages import file_mappings
 from devicemap.plan import Plan, PlanOptions
 from tiny import build_tiny
 
@@ -134,14 +135,9 @@ def to_mmap(module: torch.nn.Module, path: Path) -> None:
 
 
 def is_mmap(tensor: torch.Tensor, path: Path) -> bool:
-    maps = Path("/proc/self/maps").read_text().splitlines()
     ptr = tensor.data_ptr()
-    for line in maps:
-        if str(path) in line:
-            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-            if lo <= ptr < hi:
-                return True
-    return False
+    maps = file_mappings() or []
+    return any(str(path) in m.path and m.start <= ptr < m.end for m in maps)
 
 
 def batch_for(arch: str) -> dict[str, torch.Tensor]:

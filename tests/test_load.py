@@ -34,6 +34,7 @@ from devicemap.errors import (
     PlanMismatch,
 )
 from devicemap.load import load, place
+from devicemap.pages import FileMapping, file_mappings
 from devicemap.plan import DeviceUsage, Plan, PlanOptions
 from devicemap.skeleton import Skeleton, build_skeleton
 from tiny import CAUSAL, make_tiny, model_class
@@ -115,6 +116,20 @@ def hand_load(path: Path, device_map: Any, *, dtype: torch.dtype | None = None, 
     return place(skeleton, plan, read_index(skeleton.source), progress=False, **kw)
 
 
+def pinned_load(path: Path, pins: dict[str, str], offload_dir: Path, **options: Any) -> Any:
+    """load() with roomy cpu and disk budgets, `pins`, context 64, offloaded blocks on the CPU."""
+    return load(
+        path,
+        max_memory={"cpu": "1GiB", "disk": "1GiB"},
+        pins=pins,
+        context=64,
+        offload_exec="cpu",
+        offload_dir=offload_dir,
+        progress=False,
+        **options,
+    )
+
+
 def disk_params(model: Any) -> dict[str, torch.Tensor]:
     plan = model.devicemap_plan
     out = {}
@@ -125,20 +140,16 @@ def disk_params(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def mapped_files() -> list[tuple[int, int, str]]:
-    """This process's file mappings: (start, end, path) from /proc/self/maps."""
-    spans = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/"):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            spans.append((start, end, fields[5]))
-    return spans
+def mapped_files() -> list[FileMapping]:
+    """This process's file mappings (/proc/self/maps)."""
+    found = file_mappings()
+    assert found is not None, "these tests read /proc/self/maps (Linux)"
+    return found
 
 
-def backing_file(tensor: torch.Tensor, spans: list[tuple[int, int, str]]) -> str | None:
+def backing_file(tensor: torch.Tensor, spans: list[FileMapping]) -> str | None:
     ptr = tensor.data_ptr()
-    return next((path for start, end, path in spans if start <= ptr < end), None)
+    return next((m.path for m in spans if m.start <= ptr < m.end), None)
 
 
 # --- parity with transformers ----------------------------------------------------------
@@ -356,15 +367,7 @@ def test_pins_alternate_blocks_and_put_lm_head_on_disk(
 ) -> None:
     path = tiny_models["phi3"]
     pins = {"model.layers.1": "disk", "model.layers.3": "disk", "lm_head": "disk"}
-    model = load(
-        path,
-        max_memory={"cpu": "1GiB", "disk": "1GiB"},
-        pins=pins,
-        context=64,
-        offload_exec="cpu",
-        offload_dir=tmp_path,
-        progress=False,
-    )
+    model = pinned_load(path, pins, tmp_path)
     placed = model.devicemap_plan.device_map
     assert [placed[f"model.layers.{i}"] for i in range(4)] == ["cpu", "disk", "cpu", "disk"]
     assert placed["lm_head"] == "disk"
@@ -378,16 +381,7 @@ def test_bf16_plan_of_fp32_checkpoint_matches_from_pretrained_bf16(
 ) -> None:
     path = tiny_models["llama"]
     pins = {"model.layers.0": "disk", "model.layers.2": "disk"}
-    model = load(
-        path,
-        dtype=torch.bfloat16,
-        max_memory={"cpu": "1GiB", "disk": "1GiB"},
-        pins=pins,
-        context=64,
-        offload_exec="cpu",
-        offload_dir=tmp_path,
-        progress=False,
-    )
+    model = pinned_load(path, pins, tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     expected = reference(path, "llama", torch.bfloat16)
     assert torch.equal(logits(model, "llama"), logits(expected, "llama"))

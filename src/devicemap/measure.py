@@ -25,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .devices import CPU, DISK, Device
 from .errors import BadOption
-from .pages import page_ranges, resident_bytes
+from .pages import file_mappings, page_ranges, resident_bytes
 from .plan import Plan
 
 
@@ -126,7 +126,7 @@ def mapped_cpu_weights(model: torch.nn.Module, plan: Plan) -> int | None:
     views of the file: resident, but counted by the kernel as file pages (RssFile), not
     anonymous memory. Measured with mincore over the spans that /proc/self/maps shows as
     file mappings; None off Linux."""
-    files = _file_spans()
+    files = file_mappings()
     if files is None:
         return None
     blocks = [
@@ -135,21 +135,8 @@ def mapped_cpu_weights(model: torch.nn.Module, plan: Plan) -> int | None:
         if where == CPU.map_value
     ]
     tensors = {t.data_ptr(): t for m in blocks for t in [*m.parameters(), *m.buffers()]}
-    mapped = [t for ptr, t in tensors.items() if any(a <= ptr < b for a, b in files)]
+    mapped = [t for ptr, t in tensors.items() if any(m.start <= ptr < m.end for m in files)]
     return resident_bytes(page_ranges(mapped))
-
-
-def _file_spans() -> list[tuple[int, int]] | None:
-    maps = Path("/proc/self/maps")
-    if not maps.is_file():
-        return None
-    spans = []
-    for line in maps.read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/"):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            spans.append((start, end))
-    return spans
 
 
 def random_prompt(vocab: int, tokens: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import mmap
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,3 +119,27 @@ def map_in(pages: Pages) -> None:
     for raw in pages.raws:
         raw[::PAGE].sum()  # one byte per page
         raw[-1:].sum()  # the tail page, which the stride can skip
+
+
+@dataclass(frozen=True)
+class FileMapping:
+    """One file-backed mapping of this process, from /proc/self/maps."""
+
+    start: int  # address
+    end: int  # address, exclusive
+    offset: int  # bytes into the file mapped at `start`
+    path: str
+
+
+def file_mappings() -> list[FileMapping] | None:
+    """This process's file-backed mappings; None where /proc/self/maps does not exist."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return None
+    found = []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)  # range, perms, offset, dev, inode, path
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            found.append(FileMapping(start, end, int(fields[2], 16), fields[5].strip()))
+    return found
