@@ -318,8 +318,7 @@ def private_map(file: Path) -> mmap.mmap:
     write through one loaded model is never seen by another). Private writable maps count
     towards the kernel's commit charge; the disk tier, which may exceed RAM, uses the
     shared read-only one."""
-    with open(file, "rb") as f:  # the map stays valid after the file is closed
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return _map(file, mmap.ACCESS_COPY)
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -341,9 +340,13 @@ def close_mmaps() -> None:
 def _mmap_for(file: Path) -> mmap.mmap:
     with _lock:
         if file not in _mmaps:
-            with open(file, "rb") as f:  # the map stays valid after the file is closed
-                _mmaps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            _mmaps[file] = _map(file, mmap.ACCESS_READ)
         return _mmaps[file]
+
+
+def _map(file: Path, access: int) -> mmap.mmap:
+    with open(file, "rb") as f:  # the map stays valid after the file is closed
+        return mmap.mmap(f.fileno(), 0, access=access)
 
 
 def _bin_state(file: Path) -> dict[str, torch.Tensor]:

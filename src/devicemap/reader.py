@@ -63,19 +63,9 @@ class ReadPool:
 
     def start(
         self, info: TensorInfo, out: torch.Tensor, done: Callable[[int], None] | None = None
-    ) -> list[Future[None]]:
+    ) -> None:
         """Queue the reads that fill `out` with `info`'s bytes; `done(nbytes)` after each chunk."""
-        assert out.is_contiguous() and out.nbytes == info.nbytes, info.name
-        if info.nbytes == 0:
-            return []
-        buffer = out.reshape(-1).view(torch.uint8).numpy().data  # [nbytes] u8, same memory
-        fd = self._fd(info.file)
-        futures = [
-            self._pool.submit(_pread, fd, info, buffer[start : start + CHUNK], start, done)
-            for start in range(0, info.nbytes, CHUNK)
-        ]
-        self._pending += futures
-        return futures
+        self._pending += self._submit(info, out, done)
 
     def populate(self, view: torch.Tensor, done: Callable[[int], None] | None = None) -> None:
         """Queue mapping in the pages of `view` (a file's map), chunk by chunk: afterwards
@@ -88,7 +78,7 @@ class ReadPool:
 
     def read(self, info: TensorInfo, out: torch.Tensor) -> None:
         """Fill `out` now (its chunks still spread over the threads)."""
-        for future in self.start(info, out):
+        for future in self._submit(info, out, None):
             future.result()
 
     def wait(self) -> None:
@@ -96,6 +86,19 @@ class ReadPool:
         pending, self._pending = self._pending, []
         for future in pending:
             future.result()
+
+    def _submit(
+        self, info: TensorInfo, out: torch.Tensor, done: Callable[[int], None] | None
+    ) -> list[Future[None]]:
+        assert out.is_contiguous() and out.nbytes == info.nbytes, info.name
+        if info.nbytes == 0:
+            return []
+        buffer = out.reshape(-1).view(torch.uint8).numpy().data  # [nbytes] u8, same memory
+        fd = self._fd(info.file)
+        return [
+            self._pool.submit(_pread, fd, info, buffer[start : start + CHUNK], start, done)
+            for start in range(0, info.nbytes, CHUNK)
+        ]
 
     def _fd(self, file: Path) -> int:
         with self._lock:
