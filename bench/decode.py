@@ -26,8 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import devicemap
-import devicemap.offload
-from devicemap.pages import file_mappings
+from devicemap.run import offload as offload_module
+from devicemap.run.pages import file_mappings
 from models import bench_model, decoder_layers
 from report import median, write
 
@@ -96,7 +96,7 @@ Ranges = dict[Path, list[tuple[int, int]]]  # file -> [(offset, bytes)] of offlo
 
 def offloaded(path: Path, device_map: dict[str, Any]) -> tuple[Ranges, int]:
     """Where the disk-stored tensors lie in the checkpoint's files, and their total bytes."""
-    from devicemap.checkpoint import read_index, resolve_model
+    from devicemap.model.checkpoint import read_index, resolve_model
 
     index = read_index(resolve_model(path))
     disk = tuple(f"{name}." for name, dev in device_map.items() if dev == "disk")
@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--lookahead-mib", type=int, help="page prefetch look-ahead (64)")
     args = parser.parse_args()
     if args.lookahead_mib is not None:  # blocks ahead = this / block size, 2 to 8
-        devicemap.offload.LOOKAHEAD = args.lookahead_mib << 20
+        offload_module.LOOKAHEAD = args.lookahead_mib << 20
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [
         bench_one(shape, float(fraction), args)

@@ -21,7 +21,7 @@ import torch
 import transformers as tf
 
 from devicemap.devices import CPU
-from devicemap.dispatch import Layout, attach, hook_count, release
+from devicemap.run.dispatch import Layout, attach, hook_count, release
 from report import median, write
 
 

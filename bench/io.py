@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from decode import MODELS
-from devicemap.checkpoint import TensorInfo
-from devicemap.reader import ReadPool, threads
+from devicemap.load.reader import ReadPool, threads
+from devicemap.model.checkpoint import TensorInfo
 from models import bench_model
 from report import median, write
 

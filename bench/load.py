@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from decode import MODELS, load_devicemap, plan_options
-from devicemap.measure import read_rss
+from devicemap.cli.measure import read_rss
 from models import bench_model
 from report import median, write
 

@@ -71,8 +71,8 @@ def planner_only() -> tuple[float, float]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from devicemap.devices import resolve_budgets
-    from devicemap.plan import PlanOptions, make_plan
-    from devicemap.skeleton import build_skeleton
+    from devicemap.model.skeleton import build_skeleton
+    from devicemap.plan.planner import PlanOptions, make_plan
 
     skeleton = build_skeleton(CONFIG)
     budgets, options = resolve_budgets(BUDGETS), PlanOptions(context=CONTEXT)
@@ -122,8 +122,7 @@ def import_modules(tool: str) -> None:
     import transformers  # noqa: F401
 
     if tool == "devicemap":
-        import devicemap.plan
-        import devicemap.skeleton  # noqa: F401
+        from devicemap.model import skeleton  # noqa: F401
     else:
         import accelerate  # noqa: F401
         from transformers import AutoModelForCausalLM  # noqa: F401

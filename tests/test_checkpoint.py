@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from devicemap import checkpoint as ckpt
-from devicemap.checkpoint import (
+from devicemap.errors import CorruptCheckpoint, MissingShard, ModelNotFound
+from devicemap.model import checkpoint as ckpt
+from devicemap.model.checkpoint import (
     close_mmaps,
     private_map,
     read_index,
@@ -24,7 +25,6 @@ from devicemap.checkpoint import (
     resolve_model,
     tensor_view,
 )
-from devicemap.errors import CorruptCheckpoint, MissingShard, ModelNotFound
 from tiny import ARCHS, build_tiny, make_tiny
 
 MIB = 2**20

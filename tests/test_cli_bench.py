@@ -13,9 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-import devicemap.commands  # noqa: F401  (registers run, chat, bench on the app)
-from devicemap.cli import app
-from devicemap.measure import (
+from devicemap.cli import commands  # noqa: F401  (registers run, chat, bench on the app)
+from devicemap.cli.main import app
+from devicemap.cli.measure import (
     MEASURES,
     BenchOptions,
     RssSampler,

@@ -17,8 +17,8 @@ from typing import IO, Any
 import pytest
 from typer.testing import CliRunner, Result
 
-import devicemap.commands  # noqa: F401  (registers run, chat, bench on the app)
-from devicemap.cli import app
+from devicemap.cli import commands  # noqa: F401  (registers run, chat, bench on the app)
+from devicemap.cli.main import app
 from test_generate import byte_tokenizer
 from tiny import greedy_reply, make_tiny_chat
 

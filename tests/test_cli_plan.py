@@ -11,7 +11,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from devicemap.cli import (
+from devicemap.cli.main import (
     PLANNING,
     PlanChoices,
     app,
@@ -20,8 +20,8 @@ from devicemap.cli import (
     short_size,
     usage_bar,
 )
-from devicemap.plan import Plan
-from devicemap.skeleton import build_skeleton
+from devicemap.model.skeleton import build_skeleton
+from devicemap.plan.planner import Plan
 
 LLAMA_70B = str(Path(__file__).parent / "data" / "configs" / "llama-3-70b")
 WHAT_IF = ["--max-memory", "0=40GiB", "--max-memory", "1=40GiB", "--max-memory", "cpu=64GiB"]

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-import devicemap.commands  # noqa: F401  (registers run, chat, bench on the app)
-from devicemap import demo
-from devicemap.cli import app
+from devicemap.cli import (
+    commands,  # noqa: F401  (registers run, chat, bench on the app)
+    demo,
+)
+from devicemap.cli.main import app
 from devicemap.errors import ModelNotFound
 from test_generate import byte_tokenizer
 from tiny import greedy_reply, make_tiny_chat

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from devicemap import demo
+from devicemap.cli import demo
 from devicemap.errors import ModelNotFound
-from devicemap.generate import Sampling, build_prompt, stream_reply
+from devicemap.run.generate import Sampling, build_prompt, stream_reply
 
 try:
     GGUF = demo.find_gguf()

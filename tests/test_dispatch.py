@@ -25,7 +25,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from devicemap.devices import parse_device
-from devicemap.dispatch import (
+from devicemap.errors import LoadError, PlanError, UnknownDevice
+from devicemap.plan.planner import Plan, PlanOptions
+from devicemap.run.dispatch import (
     Layout,
     attach,
     boundaries,
@@ -35,10 +37,8 @@ from devicemap.dispatch import (
     release,
     releasing,
 )
-from devicemap.errors import LoadError, PlanError, UnknownDevice
-from devicemap.mover import Mover, first_device
-from devicemap.pages import file_mappings
-from devicemap.plan import Plan, PlanOptions
+from devicemap.run.mover import Mover, first_device
+from devicemap.run.pages import file_mappings
 from tiny import build_tiny
 
 # --- helpers (tests/gpu imports them too) ------------------------------------------------

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from devicemap.errors import BadOption, ContextTooLong, DevicemapError
-from devicemap.generate import Chat, Sampling, build_prompt, check_context, stream_reply
+from devicemap.run.generate import Chat, Sampling, build_prompt, check_context, stream_reply
 from tiny import build_tiny
 
 TEMPLATE = (

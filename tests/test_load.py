@@ -20,10 +20,6 @@ import pytest
 import torch
 
 import devicemap
-import devicemap.load
-import devicemap.reader
-from devicemap import convert
-from devicemap.checkpoint import read_index
 from devicemap.devices import format_size, parse_device
 from devicemap.errors import (
     CorruptCheckpoint,
@@ -33,13 +29,14 @@ from devicemap.errors import (
     OffloadError,
     PlanMismatch,
 )
-from devicemap.load import load, place
-from devicemap.pages import FileMapping, file_mappings
-from devicemap.plan import DeviceUsage, Plan, PlanOptions
-from devicemap.skeleton import Skeleton, build_skeleton
+from devicemap.load import convert
+from devicemap.load import loader as load_module
+from devicemap.load.loader import load, place
+from devicemap.model.checkpoint import read_index
+from devicemap.model.skeleton import Skeleton, build_skeleton
+from devicemap.plan.planner import DeviceUsage, Plan, PlanOptions
+from devicemap.run.pages import FileMapping, file_mappings
 from tiny import CAUSAL, make_tiny, model_class
-
-load_module = sys.modules["devicemap.load"]  # the module: `devicemap.load` is the function
 
 # --- helpers ---------------------------------------------------------------------
 
@@ -657,8 +654,8 @@ _RSS_CHILD = textwrap.dedent(
     import json, sys, torch
     from pathlib import Path
     import devicemap
-    from devicemap.load import load
-    from devicemap.skeleton import build_skeleton
+    from devicemap.load.loader import load
+    from devicemap.model.skeleton import build_skeleton
 
     path, where, offload, dtype = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     skeleton = build_skeleton(path, dtype=dtype)  # imports warm before measuring

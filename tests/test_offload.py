@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from devicemap import offload
-from devicemap.dispatch import _STATE, dispatch
 from devicemap.errors import OffloadError
-from devicemap.offload import (
+from devicemap.run import offload
+from devicemap.run.dispatch import _STATE, dispatch
+from devicemap.run.offload import (
     ALIGN,
     QUIET_MAX,
     BlockWeights,
@@ -33,7 +33,7 @@ from devicemap.offload import (
     block_weights,
     lookahead,
 )
-from devicemap.pages import PAGE, any_missing, fault_in, page_ranges
+from devicemap.run.pages import PAGE, any_missing, fault_in, page_ranges
 from test_dispatch import batch_for, blocks_of, make_plan, modules_with_hooks, place, storage_for
 from tiny import build_tiny
 

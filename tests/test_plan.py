@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from devicemap.checkpoint import ModelSource
 from devicemap.devices import CPU, DISK, Device
 from devicemap.errors import DoesNotFit, PinError, PlanError, PlanMismatch, UnknownDevice
-from devicemap.plan import (
+from devicemap.model.checkpoint import ModelSource
+from devicemap.model.skeleton import Block, Skeleton
+from devicemap.plan.planner import (
     PLAN_FORMAT,
     Plan,
     PlanOptions,
@@ -20,7 +21,6 @@ from devicemap.plan import (
     plan,
     plan_fingerprint,
 )
-from devicemap.skeleton import Block, Skeleton
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 GPU0, GPU1, GPU2 = Device("cuda", 0), Device("cuda", 1), Device("cuda", 2)
@@ -453,7 +453,7 @@ def test_check_rejects_a_plan_for_another_model_or_dtype():
 
 @pytest.fixture(scope="module")
 def skeletons():
-    from devicemap.skeleton import build_skeleton
+    from devicemap.model.skeleton import build_skeleton
 
     cache: dict[str, Skeleton] = {}
 
@@ -512,7 +512,7 @@ def test_llava_vision_tower_pin(skeletons):
 
 
 def test_tiny_qwen2_tied_embeddings_stay_together(tiny_models):
-    from devicemap.skeleton import build_skeleton
+    from devicemap.model.skeleton import build_skeleton
 
     sk = build_skeleton(tiny_models["qwen2"])
     assert ("model.embed_tokens", "lm_head") in sk.tied

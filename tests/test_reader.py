@@ -9,17 +9,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import devicemap.reader
-from devicemap.checkpoint import (
+from devicemap.errors import CorruptCheckpoint
+from devicemap.load import reader
+from devicemap.load.loader import load
+from devicemap.load.reader import ReadPool
+from devicemap.model.checkpoint import (
     CheckpointIndex,
     private_map,
     read_index,
     resolve_model,
     tensor_view,
 )
-from devicemap.errors import CorruptCheckpoint
-from devicemap.load import load
-from devicemap.reader import ReadPool
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def index_of(shard: Path) -> CheckpointIndex:
 def test_chunked_threaded_reads_give_the_exact_bytes(
     shard: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(devicemap.reader, "CHUNK", 4096)
+    monkeypatch.setattr(reader, "CHUNK", 4096)
     index = index_of(shard)
     done: list[int] = []
     with ReadPool(workers=3) as reads:
@@ -65,7 +65,7 @@ def test_chunked_threaded_reads_give_the_exact_bytes(
 def test_a_file_cut_after_indexing_fails_with_the_tensor_and_file_named(
     shard: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(devicemap.reader, "CHUNK", 4096)
+    monkeypatch.setattr(reader, "CHUNK", 4096)
     info = index_of(shard).tensors["big"]
     with open(shard, "r+b") as f:
         f.truncate(info.offset + info.nbytes - 5000)  # the last two chunks are gone
@@ -93,9 +93,9 @@ def test_a_failed_read_while_loading_keeps_nothing(
     disk: bool,
 ) -> None:
     """A read that fails in a worker thread surfaces from load() and every tensor goes back."""
-    from devicemap.skeleton import build_skeleton
+    from devicemap.model.skeleton import build_skeleton
 
-    real = getattr(devicemap.reader, step)
+    real = getattr(reader, step)
     calls = []
 
     def fail_late(*args: Any) -> None:
@@ -104,7 +104,7 @@ def test_a_failed_read_while_loading_keeps_nothing(
             raise CorruptCheckpoint("disk went away")
         real(*args)
 
-    monkeypatch.setattr(devicemap.reader, step, fail_late)
+    monkeypatch.setattr(reader, step, fail_late)
     skeleton = build_skeleton(tiny_models["llama"], dtype=dtype)
     pins = {"model.layers.3": "disk"} if disk else {}
     budgets = {"cpu": "1GiB", "disk": "1GiB"}
@@ -117,7 +117,7 @@ def test_a_failed_read_while_loading_keeps_nothing(
 def test_populate_maps_a_view_in_without_copying(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(devicemap.reader, "CHUNK", 1 << 20)
+    monkeypatch.setattr(reader, "CHUNK", 1 << 20)
     file = tmp_path / "model.safetensors"
     save_file({"w": torch.ones(8 << 20, dtype=torch.uint8)}, file)  # 8 MiB
     (tmp_path / "config.json").write_text("{}")

@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 
 from devicemap.errors import ConfigError
-from devicemap.skeleton import Skeleton, build_skeleton
+from devicemap.model.skeleton import Skeleton, build_skeleton
 from tiny import ARCHS, build_tiny, model_class, tiny_config
 
 SHARED_CONFIGS = Path(__file__).parent / "data" / "configs"  # real models' config.json
@@ -139,7 +139,7 @@ def test_forward_failure_falls_back_to_registration_order(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("no forward on meta")
 
-    monkeypatch.setattr("devicemap.skeleton._trace_forward", broken)
+    monkeypatch.setattr("devicemap.model.skeleton._trace_forward", broken)
     skel = build_skeleton(tiny_models["t5"])
     registered = [n for n, _ in build_tiny("t5").named_children()]
     assert skel.order == "registration"

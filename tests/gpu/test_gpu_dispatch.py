@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from devicemap.dispatch import _STATE, dispatch, hook_count, release, releasing
-from devicemap.offload import GpuStreamer, PagePrefetcher
+from devicemap.run.dispatch import _STATE, dispatch, hook_count, release, releasing
+from devicemap.run.offload import GpuStreamer, PagePrefetcher
 from test_dispatch import batch_for, blocks_of, make_plan, modules_with_hooks, place
 from tiny import build_tiny, model_class
 

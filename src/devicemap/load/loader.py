@@ -22,8 +22,12 @@ from typing import Any
 import psutil
 import torch
 
-from . import checkpoint
-from .checkpoint import CheckpointIndex, TensorInfo
+from ..devices import CPU, DISK, Device, format_size, inventory, parse_device, present
+from ..errors import DeviceNotPresent, DeviceOutOfMemory, LoadError, PlanMismatch
+from ..model import checkpoint
+from ..model.checkpoint import CheckpointIndex, TensorInfo
+from ..model.skeleton import Skeleton, build_skeleton
+from ..plan.planner import Plan
 from .convert import (
     ALIGN,
     KeyMap,
@@ -33,12 +37,8 @@ from .convert import (
     raise_on_mismatch,
     run_recipe,
 )
-from .devices import CPU, DISK, Device, format_size, inventory, parse_device, present
-from .errors import DeviceNotPresent, DeviceOutOfMemory, LoadError, PlanMismatch
-from .plan import Plan
 from .progress import Meter, progress_bar
 from .reader import ReadPool
-from .skeleton import Skeleton, build_skeleton
 
 _SKELETON_OPTIONS = ("no_split", "trust_remote_code")  # options that shape the model itself
 
@@ -63,7 +63,7 @@ def load(
         raise TypeError(f"load() got a plan and planning options ({extra}); give one or the other")
     skeleton = _skeleton(model, plan, plan_options)
     if plan is None:
-        from .plan import plan as make
+        from ..plan.planner import plan as make
 
         plan = make(skeleton, **plan_options)
     plan.check(skeleton)  # PlanMismatch: a plan made for another model or dtype
@@ -474,7 +474,7 @@ def _finish(job: _Job, skeleton: Skeleton) -> None:
         if buffer.is_meta:
             raise LoadError(
                 f"non-persistent buffer {name} is still on meta; build the model with"
-                " devicemap.skeleton.build_skeleton, which computes such buffers"
+                " devicemap.model.skeleton.build_skeleton, which computes such buffers"
             )
         path, _, leaf = name.rpartition(".")
         model.get_submodule(path)._buffers[leaf] = buffer.to(job.where[name].execute.torch())
@@ -504,6 +504,6 @@ def _generation_config(model: torch.nn.Module, root: Path) -> None:
 
 
 def _dispatch(model: torch.nn.Module, plan: Plan) -> None:
-    from .dispatch import dispatch  # dispatch imports plan/offload machinery: load it late
+    from ..run.dispatch import dispatch  # dispatch imports plan/offload machinery: load it late
 
     dispatch(model, plan)

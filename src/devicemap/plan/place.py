@@ -30,12 +30,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .devices import CPU, Device
-from .errors import PinError
-from .skeleton import Block, Skeleton, connected_groups
+from ..devices import CPU, Device
+from ..errors import PinError
+from ..model.skeleton import Block, Skeleton, connected_groups
 
 if TYPE_CHECKING:
-    from .plan import PlanOptions
+    from .planner import PlanOptions
 
 _PASSES = 3  # reserve refinements before the always-valid pessimistic pass
 

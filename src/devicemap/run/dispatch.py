@@ -35,12 +35,12 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .checkpoint import close_mmaps
-from .devices import Device, parse_device
-from .errors import LoadError, PlanError, UnknownDevice
+from ..devices import Device, parse_device
+from ..errors import LoadError, PlanError, UnknownDevice
+from ..model.checkpoint import close_mmaps
+from ..plan.planner import Plan
 from .mover import Mover, first_device
 from .offload import BlockWeights, GpuStreamer, Offload, PagePrefetcher, block_weights
-from .plan import Plan
 
 M = TypeVar("M", bound=torch.nn.Module)
 _STATE = "_devicemap_dispatch"  # attribute on the model holding what dispatch attached

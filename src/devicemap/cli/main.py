@@ -18,10 +18,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .devices import DeviceLike, parse_device
-from .errors import BadSize, DevicemapError, DuplicateDevice, PinError
-from .plan import Logits, OffloadExec, Plan, Strategy, compress_names, plan
-from .skeleton import Skeleton
+from ..devices import DeviceLike, parse_device
+from ..errors import BadSize, DevicemapError, DuplicateDevice, PinError
+from ..model.skeleton import Skeleton
+from ..plan.planner import Logits, OffloadExec, Plan, Strategy, compress_names, plan
 
 app = typer.Typer(
     help="Plan, load and run models too big for one device, across GPUs, CPU RAM and disk.",

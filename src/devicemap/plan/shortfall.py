@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import dtype_name
-from .devices import CPU, DISK, Device, format_size
-from .errors import DoesNotFit
+from ..devices import CPU, DISK, Device, format_size
+from ..errors import DoesNotFit
+from ..model.config import dtype_name
+from ..model.skeleton import Skeleton
 from .place import Fill, Layout, Placement, kv_bytes, list_names, place
-from .skeleton import Skeleton
 
 if TYPE_CHECKING:
-    from .plan import PlanOptions
+    from .planner import PlanOptions
 
 _GIB = 2**30
 

@@ -30,10 +30,10 @@ from transformers import core_model_loading as cml
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.utils.loading_report import LoadStateDictInfo
 
-from . import checkpoint
-from .checkpoint import CheckpointIndex, TensorInfo
-from .devices import format_size
-from .errors import KeyMismatch, OffloadError
+from ..devices import format_size
+from ..errors import KeyMismatch, OffloadError
+from ..model import checkpoint
+from ..model.checkpoint import CheckpointIndex, TensorInfo
 
 Shape = tuple[int, ...]
 Reader = Callable[[TensorInfo], torch.Tensor]

@@ -23,10 +23,10 @@ import psutil
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .devices import CPU, DISK, Device
-from .errors import BadOption
-from .pages import file_mappings, page_ranges, resident_bytes
-from .plan import Plan
+from ..devices import CPU, DISK, Device
+from ..errors import BadOption
+from ..plan.planner import Plan
+from ..run.pages import file_mappings, page_ranges, resident_bytes
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from .config import dtype_name
-from .devices import CPU, Device, DeviceLike, SizeLike, format_size, parse_device
-from .errors import DevicemapError, PinError, PlanError, PlanMismatch
+from ..devices import CPU, Device, DeviceLike, SizeLike, format_size, parse_device
+from ..errors import DevicemapError, PinError, PlanError, PlanMismatch
+from ..model.config import dtype_name
+from ..model.skeleton import Skeleton, build_skeleton
 from .place import Layout, Placement, list_names, pin_covers, place
 from .place import compress_names as compress_names  # re-exported: the CLI imports it from here
 from .shortfall import does_not_fit, largest
-from .skeleton import Skeleton, build_skeleton
 
 Strategy = Literal["sequential", "balanced", "balanced_low_0"]
 OffloadExec = Literal["gpu", "cpu"]
@@ -259,7 +259,7 @@ def plan(
     logits: Logits = "last",
 ) -> Plan:
     """Plan where every part of `model` goes (a path, config.json, hub id or Skeleton)."""
-    from .devices import resolve_budgets  # the only part that may look at this machine
+    from ..devices import resolve_budgets  # the only part that may look at this machine
 
     skeleton = _skeleton_of(model, dtype, no_split, trust_remote_code)
     budgets = resolve_budgets(max_memory, gpus=gpus)

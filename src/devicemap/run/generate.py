@@ -20,7 +20,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from devicemap.errors import BadOption, ContextTooLong
+from ..errors import BadOption, ContextTooLong
 
 Message = Mapping[str, str]  # {"role": "user" | "assistant" | "system", "content": text}
 FinishReason = Literal["stop", "length", "interrupted"]

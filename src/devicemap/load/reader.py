@@ -19,9 +19,9 @@ from types import TracebackType
 
 import torch
 
-from .checkpoint import TensorInfo
-from .errors import CorruptCheckpoint
-from .pages import map_in, page_ranges
+from ..errors import CorruptCheckpoint
+from ..model.checkpoint import TensorInfo
+from ..run.pages import map_in, page_ranges
 
 CHUNK = 8 << 20  # bytes per pread: big enough for few syscalls, small enough to spread
 

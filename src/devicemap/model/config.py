@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .checkpoint import ModelSource
-from .errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.text import Text
 
-from .devices import Device
+from ..devices import Device
 
 
 class _GBps(ProgressColumn):

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from devicemap.errors import CorruptCheckpoint, MissingShard, ModelNotFound
+from ..errors import CorruptCheckpoint, MissingShard, ModelNotFound
 
 Format = Literal["safetensors", "bin"]
 

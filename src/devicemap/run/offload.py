@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import OffloadError
+from ..errors import OffloadError
 from .pages import Pages, fault_in, page_ranges
 
 ALIGN = 256  # bytes: each tensor's offset inside a staging buffer (CUDA's allocation alignment)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def logits_bytes_per_token(config: Any) -> int:

@@ -20,8 +20,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import ModelSource, resolve_model
-from .cli import (
+from ..devices import parse_device
+from ..errors import BadOption, DevicemapError, ModelNotFound
+from ..load.loader import load
+from ..model.checkpoint import ModelSource, resolve_model
+from ..model.skeleton import Skeleton, build_skeleton
+from ..plan.planner import Plan
+from ..run.dispatch import release
+from ..run.generate import Chat, Reply, ReplyStream, Sampling, build_prompt, check_context
+from ..run.generate import stream_reply as start_reply
+from .main import (
     PLANNING,
     ModelArg,
     PlanChoices,
@@ -31,15 +39,7 @@ from .cli import (
     reporting_errors,
     short_size,
 )
-from .devices import parse_device
-from .dispatch import release
-from .errors import BadOption, DevicemapError, ModelNotFound
-from .generate import Chat, Reply, ReplyStream, Sampling, build_prompt, check_context
-from .generate import stream_reply as start_reply
-from .load import load
 from .measure import MEASURES, BenchOptions, BenchResult, bench
-from .plan import Plan
-from .skeleton import Skeleton, build_skeleton
 
 # --- shared options ----------------------------------------------------------------
 
