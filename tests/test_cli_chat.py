@@ -90,8 +90,19 @@ def devicemap_process(*args: Any) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "devicemap", *map(str, args)]
     return subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal's foreground job gets it: a shell's background job (`pytest &`)
+    ignores SIGINT, the child would inherit that, and Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_piped_chat_in_a_subprocess(llama: Path) -> None:

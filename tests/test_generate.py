@@ -5,8 +5,10 @@ from __future__ import annotations
 import _thread
 import gc
 import math
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -198,6 +200,17 @@ def test_close_stops_the_worker(model: Any, tok: Any) -> None:
     assert 1 <= stream.reply.new_tokens < 400
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raising KeyboardInterrupt, as in a foreground process. Started as a shell's
+    background job (`pytest &`) the test runner ignores SIGINT, and `interrupt_main` then
+    does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_while_reading_stops_generation(model: Any, tok: Any) -> None:
     ids = build_prompt(tok, "x")
     pieces: list[str] = []
