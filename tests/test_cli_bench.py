@@ -1,4 +1,4 @@
-"""`devicemap bench` and the measuring behind it (devicemap.measure)."""
+"""`devicemap bench` and the measuring behind it (devicemap.cli.measure)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""devicemap.dispatch: hooks at device boundaries, nested moves, release.
+"""devicemap.run.dispatch: hooks at device boundaries, nested moves, release.
 
 Models here execute on the CPU with some blocks stored on "disk" (weights re-pointed at
 read-only mmaps of safetensors files, as the loader leaves them); every output is compared

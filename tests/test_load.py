@@ -29,7 +29,7 @@ from devicemap.errors import (
     OffloadError,
     PlanMismatch,
 )
-from devicemap.load import convert
+from devicemap.load import convert, reader
 from devicemap.load import loader as load_module
 from devicemap.load.loader import load, place
 from devicemap.model.checkpoint import read_index
@@ -509,7 +509,7 @@ def test_truncated_shard_fails_before_reading_any_tensor(
     def no_reads(fd: int, info: Any, *rest: Any) -> Any:
         raise AssertionError(f"read {info.name} from a truncated checkpoint")
 
-    monkeypatch.setattr(devicemap.reader, "_pread", no_reads)
+    monkeypatch.setattr(reader, "_pread", no_reads)
     with pytest.raises(CorruptCheckpoint, match=shard.name):
         load(path, max_memory={"cpu": "1GiB"}, progress=False)
 

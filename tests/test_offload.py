@@ -1,4 +1,4 @@
-"""devicemap.offload: block weights, the successor predictor, the page prefetcher.
+"""devicemap.run.offload: block weights, the successor predictor, the page prefetcher.
 
 The GPU streamer needs CUDA: it is covered in tests/gpu/test_gpu_dispatch.py.
 """

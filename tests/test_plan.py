@@ -448,7 +448,7 @@ def test_check_rejects_a_plan_for_another_model_or_dtype():
         p.check(skeleton_of(layers(2), dtype=torch.bfloat16))
 
 
-# --- full-size configs, built on meta (needs devicemap.skeleton) -----------------
+# --- full-size configs, built on meta (needs devicemap.model.skeleton) -----------------
 
 
 @pytest.fixture(scope="module")
