@@ -72,7 +72,8 @@ def planner_only() -> tuple[float, float]:
 
     from devicemap.devices import resolve_budgets
     from devicemap.model.skeleton import build_skeleton
-    from devicemap.plan.planner import PlanOptions, make_plan
+    from devicemap.plan.options import PlanOptions
+    from devicemap.plan.planner import make_plan
 
     skeleton = build_skeleton(CONFIG)
     budgets, options = resolve_budgets(BUDGETS), PlanOptions(context=CONTEXT)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from devicemap.cli import commands  # noqa: F401  (registers run, chat, bench on the app)
 from devicemap.cli.main import app
 from devicemap.cli.measure import (
     MEASURES,

@@ -17,7 +17,6 @@ from typing import IO, Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from devicemap.cli import commands  # noqa: F401  (registers run, chat, bench on the app)
 from devicemap.cli.main import app
 from test_generate import byte_tokenizer
 from tiny import greedy_reply, make_tiny_chat

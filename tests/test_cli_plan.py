@@ -11,15 +11,9 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from devicemap.cli.main import (
-    PLANNING,
-    PlanChoices,
-    app,
-    options_from,
-    parse_gpus,
-    short_size,
-    usage_bar,
-)
+from devicemap.cli.main import app
+from devicemap.cli.options import PLANNING, PlanChoices, options_from, parse_gpus
+from devicemap.cli.tables import short_size, usage_bar
 from devicemap.model.skeleton import build_skeleton
 from devicemap.plan.planner import Plan
 

@@ -11,10 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from devicemap.cli import (
-    commands,  # noqa: F401  (registers run, chat, bench on the app)
-    demo,
-)
+from devicemap.cli import demo
 from devicemap.cli.main import app
 from devicemap.errors import ModelNotFound
 from test_generate import byte_tokenizer

@@ -26,7 +26,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from devicemap.devices import parse_device
 from devicemap.errors import LoadError, PlanError, UnknownDevice
-from devicemap.plan.planner import Plan, PlanOptions
+from devicemap.plan.options import PlanOptions
+from devicemap.plan.planner import Plan
 from devicemap.run.dispatch import (
     Layout,
     attach,

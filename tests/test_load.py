@@ -34,7 +34,8 @@ from devicemap.load import loader as load_module
 from devicemap.load.loader import load, place
 from devicemap.model.checkpoint import read_index
 from devicemap.model.skeleton import Skeleton, build_skeleton
-from devicemap.plan.planner import DeviceUsage, Plan, PlanOptions
+from devicemap.plan.options import PlanOptions
+from devicemap.plan.planner import DeviceUsage, Plan
 from devicemap.run.pages import FileMapping, file_mappings
 from tiny import CAUSAL, make_tiny, model_class
 

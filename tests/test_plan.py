@@ -12,10 +12,10 @@ from devicemap.devices import CPU, DISK, Device
 from devicemap.errors import DoesNotFit, PinError, PlanError, PlanMismatch, UnknownDevice
 from devicemap.model.checkpoint import ModelSource
 from devicemap.model.skeleton import Block, Skeleton
+from devicemap.plan.options import PlanOptions
 from devicemap.plan.planner import (
     PLAN_FORMAT,
     Plan,
-    PlanOptions,
     default_context,
     make_plan,
     plan,

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from devicemap.devices import CPU, DISK, Device, parse_device
 from devicemap.errors import DoesNotFit, PinError
 from devicemap.model.skeleton import Skeleton
-from devicemap.plan.planner import Plan, PlanOptions, make_plan
+from devicemap.plan.options import PlanOptions
+from devicemap.plan.planner import Plan, make_plan
 from test_plan import block, skeleton_of
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,5 @@
 """The `run`, `chat` and `bench` commands: plan (or reuse a saved plan), load, generate.
+main.py registers them on the app.
 
 Progress, notes and summaries go to stderr; replies (or one JSON object) to stdout, so
 `devicemap run ... > answer.txt` and `... --json | jq` see only the answer.
@@ -29,17 +30,16 @@ from ..plan.planner import Plan
 from ..run.dispatch import release
 from ..run.generate import Chat, Reply, ReplyStream, Sampling, build_prompt, check_context
 from ..run.generate import stream_reply as start_reply
-from .main import (
+from .measure import MEASURES, BenchOptions, BenchResult, bench
+from .options import (
     PLANNING,
     ModelArg,
     PlanChoices,
-    app,
     model_argument,
     options_from,
     reporting_errors,
-    short_size,
 )
-from .measure import MEASURES, BenchOptions, BenchResult, bench
+from .tables import short_size
 
 # --- shared options ----------------------------------------------------------------
 
@@ -260,7 +260,6 @@ def command_errors() -> Iterator[None]:
 # --- run -----------------------------------------------------------------------------
 
 
-@app.command("run")
 @options_from(planning=ReplyPlanChoices, sampling_choices=SamplingChoices)
 def run_command(
     ctx: typer.Context,
@@ -356,7 +355,6 @@ def reply_json(s: Session, reply: Reply, *, prompt: str) -> dict[str, Any]:
 # --- chat ----------------------------------------------------------------------------
 
 
-@app.command("chat")
 @options_from(planning=PlanChoices, sampling_choices=SamplingChoices)
 def chat_command(
     ctx: typer.Context,
@@ -433,7 +431,6 @@ def answer(chat: Chat, text: str) -> None:
 # --- bench ---------------------------------------------------------------------------
 
 
-@app.command("bench")
 @options_from(planning=BenchPlanChoices)
 def bench_command(
     ctx: typer.Context,

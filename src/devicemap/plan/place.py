@@ -28,14 +28,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..devices import CPU, Device
 from ..errors import PinError
 from ..model.skeleton import Block, Skeleton, connected_groups
-
-if TYPE_CHECKING:
-    from .planner import PlanOptions
+from .options import PlanOptions
 
 _PASSES = 3  # reserve refinements before the always-valid pessimistic pass
 

@@ -25,36 +25,13 @@ from ..devices import CPU, Device, DeviceLike, SizeLike, format_size, parse_devi
 from ..errors import DevicemapError, PinError, PlanError, PlanMismatch
 from ..model.config import dtype_name
 from ..model.skeleton import Skeleton, build_skeleton
+from .options import Logits, OffloadExec, PlanOptions, Strategy
 from .place import Layout, Placement, list_names, pin_covers, place
-from .place import compress_names as compress_names  # re-exported: the CLI imports it from here
 from .shortfall import does_not_fit, largest
 
-Strategy = Literal["sequential", "balanced", "balanced_low_0"]
-OffloadExec = Literal["gpu", "cpu"]
-Logits = Literal["last", "all"]
 PLAN_FORMAT = 1  # bump when the JSON layout changes
 DEFAULT_CONTEXT = 4096  # tokens, when neither the caller nor a short model says otherwise
 _UNKNOWN_MAX_POSITIONS = 1 << 24  # cap for max_context when the config gives none
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    context: int  # tokens per sequence the KV cache must hold (prompt + reply)
-    batch: int = 1  # sequences generated together
-    prefill: int | None = None  # tokens in one prefill step; None = context
-    strategy: Strategy = "balanced"
-    pins: Mapping[str, Device] = field(default_factory=dict)  # module prefix -> device
-    offload_exec: OffloadExec = "gpu"  # where cpu/disk-stored blocks run: first GPU, or CPU
-    logits: Logits = "last"  # logits kept per prefill: the last token's (generate) or all
-
-    def logits_tokens(self, context: int | None = None) -> int:
-        """Tokens per sequence whose logits exist at once."""
-        return 1 if self.logits == "last" else self.prefill_tokens(context)
-
-    def prefill_tokens(self, context: int | None = None) -> int:
-        """Tokens in the largest forward step: the prefill, never longer than the context."""
-        context = self.context if context is None else context
-        return context if self.prefill is None else min(self.prefill, context)
 
 
 @dataclass(frozen=True)

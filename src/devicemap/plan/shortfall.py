@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -17,10 +17,8 @@ from ..devices import CPU, DISK, Device, format_size
 from ..errors import DoesNotFit
 from ..model.config import dtype_name
 from ..model.skeleton import Skeleton
+from .options import PlanOptions
 from .place import Fill, Layout, Placement, kv_bytes, list_names, place
-
-if TYPE_CHECKING:
-    from .planner import PlanOptions
 
 _GIB = 2**30
 

@@ -1,0 +1,222 @@
+"""The command line's shared options, declared once: typer option types, the planning
+options as one dataclass (`PlanChoices`), `options_from` to put a dataclass's fields in a
+command's signature, parsers for DEVICE=SIZE style items, and the error reporting.
+
+Every devicemap error becomes one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, cast, get_type_hints
+
+import typer
+
+from ..devices import DeviceLike
+from ..errors import BadSize, DevicemapError, DuplicateDevice, PinError
+from ..model.skeleton import Skeleton
+from ..plan.options import Logits, OffloadExec, Strategy
+from ..plan.planner import Plan, plan
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="Model directory, config.json, weights file or hub id in the local cache."
+        " Default: the demo model, SmolLM2-135M-Instruct (converted once, cached).",
+        show_default=False,
+    ),
+]
+MaxMemoryOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--max-memory",
+        "-m",
+        help="DEVICE=SIZE, repeatable (0=40GiB, cuda:1=24GB, cpu=64GiB, disk=200GiB, 0=85%)."
+        " Devices this machine lacks are fine: what-if planning. Default: what is free now.",
+    ),
+]
+GpusOpt = Annotated[
+    str | None,
+    typer.Option("--gpus", help="How many GPUs to use (2) or which (0,1). Default: all."),
+]
+ContextOpt = Annotated[
+    int | None,
+    typer.Option("--context", "-c", help="Tokens per sequence (prompt + reply). Default 4096."),
+]
+BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Sequences generated together.")]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", help="Weights dtype: bfloat16, float16, float32. Default: config's."),
+]
+StrategyOpt = Annotated[
+    str,
+    typer.Option("--strategy", help="sequential, balanced or balanced_low_0 (GPU 0 kept light)."),
+]
+PinOpt = Annotated[
+    list[str] | None,
+    typer.Option("--pin", help="MODULE=DEVICE, repeatable: lm_head=0, model.vision_tower=cuda:0."),
+]
+OffloadExecOpt = Annotated[
+    str,
+    typer.Option("--offload-exec", help="Where cpu/disk-stored blocks run: gpu (first) or cpu."),
+]
+LogitsOpt = Annotated[
+    str,
+    typer.Option("--logits", help="Logits kept per prefill: last (generate) or all (forward)."),
+]
+
+
+@dataclass(frozen=True)
+class PlanChoices:
+    """The planning options as typed, declared once for `plan`, `run`, `chat` and `bench`.
+
+    Each field's annotation is its typer option and its default the option's default;
+    `options_from(planning=PlanChoices)` puts them in a command's signature.
+    """
+
+    max_memory: MaxMemoryOpt = None
+    gpus: GpusOpt = None
+    context: ContextOpt = None
+    batch: BatchOpt = 1
+    dtype: DtypeOpt = None
+    strategy: StrategyOpt = "balanced"
+    pin: PinOpt = None
+    offload_exec: OffloadExecOpt = "gpu"
+    logits: LogitsOpt = "last"
+
+    def make_plan(self, model: str | Skeleton, *, context: int | None = None) -> Plan:
+        """plan() with these options parsed; `context` is used when --context was not given."""
+        return plan(
+            model,
+            max_memory=parse_max_memory(self.max_memory),
+            gpus=parse_gpus(self.gpus),
+            context=context if self.context is None else self.context,
+            batch=self.batch,
+            dtype=None if isinstance(model, Skeleton) else self.dtype,  # a skeleton has its own
+            strategy=cast(Strategy, self.strategy),
+            pins=parse_pin_options(self.pin),
+            offload_exec=cast(OffloadExec, self.offload_exec),
+            logits=cast(Logits, self.logits),
+        )
+
+
+# the planning options' parameter names; a saved plan (`run --plan`) replaces all of them
+PLANNING = tuple(f.name for f in fields(PlanChoices))
+
+Command = Callable[..., None]
+
+
+def options_from(**groups: type[Any]) -> Callable[[Command], Command]:
+    """Decorator: a command parameter NAME=Group becomes Group's fields, one option each.
+
+    Typer reads options from the signature, so the decorated command shows each field (its
+    Annotated option and default) where NAME stood; a call packs them back into Group(...)
+    and passes that as NAME. A dataclass of options thus serves every command that takes it.
+    """
+
+    def expand(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        parameters = [
+            option
+            for p in signature.parameters.values()
+            for option in (group_parameters(groups[p.name], p) if p.name in groups else [p])
+        ]
+
+        @functools.wraps(command)
+        def call(**options: Any) -> None:
+            for name, group in groups.items():
+                options[name] = group(**{f.name: options.pop(f.name) for f in fields(group)})
+            command(**options)
+
+        call.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        call.__annotations__ = {p.name: p.annotation for p in parameters}  # typer reads both
+        return call
+
+    return expand
+
+
+def group_parameters(group: type[Any], replaced: inspect.Parameter) -> list[inspect.Parameter]:
+    """A dataclass's fields as parameters of `replaced`'s kind, with Annotated types, defaults."""
+    hints = get_type_hints(group, include_extras=True)  # keeps typer's Annotated metadata
+    return [
+        inspect.Parameter(f.name, replaced.kind, default=f.default, annotation=hints[f.name])
+        for f in fields(group)
+    ]
+
+
+def model_argument(model: str | None) -> str:
+    """The one place that turns the MODEL argument into a model reference (demo default: here)."""
+    if model is None:
+        from .demo import demo_model_dir  # converts the demo model on first use (~20 s)
+
+        return str(demo_model_dir())
+    return model
+
+
+def parse_assignments(
+    items: Sequence[str] | None, *, option: str, example: str
+) -> list[tuple[str, str]]:
+    """["0=40GiB", "cpu=64GiB"] -> [("0", "40GiB"), ("cpu", "64GiB")]; all bad items at once."""
+    pairs, bad = [], []
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            bad.append(repr(item))
+        else:
+            pairs.append((key.strip(), value.strip()))
+    if bad:
+        raise ValueError(f"{option} {', '.join(bad)}: write KEY=VALUE, like {option} {example}")
+    return pairs
+
+
+def parse_max_memory(items: Sequence[str] | None) -> dict[DeviceLike, str] | None:
+    """--max-memory items -> {device: size}, or None (use what is free now) when none given."""
+    try:
+        pairs = parse_assignments(items, option="--max-memory", example="0=40GiB")
+    except ValueError as exc:
+        raise BadSize(str(exc)) from None
+    seen: dict[str, str] = {}
+    for key, value in pairs:
+        if key.lower() in seen:
+            raise DuplicateDevice(
+                f"--max-memory gives device {key!r} twice ({seen[key.lower()]} and {value});"
+                " give each device once"
+            )
+        seen[key.lower()] = value
+    return dict(pairs) if pairs else None
+
+
+def parse_pin_options(items: Sequence[str] | None) -> dict[str, DeviceLike]:
+    """--pin items -> {module prefix: device}."""
+    try:
+        pairs = parse_assignments(items, option="--pin", example="lm_head=0")
+    except ValueError as exc:
+        raise PinError(str(exc)) from None
+    twice = sorted({k for k, _ in pairs if sum(1 for other, _ in pairs if other == k) > 1})
+    if twice:
+        raise PinError(f"--pin names {', '.join(twice)} more than once; pin each module once")
+    return dict(pairs)
+
+
+def parse_gpus(value: str | None) -> int | list[DeviceLike] | None:
+    """--gpus "2" -> 2 (the first two); "0,1" -> [0, 1]; None -> all."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@contextmanager
+def reporting_errors() -> Iterator[None]:
+    """Turn a DevicemapError into one line on stderr and exit status 1."""
+    try:
+        yield
+    except DevicemapError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
