@@ -139,7 +139,7 @@ def test_forward_failure_falls_back_to_registration_order(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("no forward on meta")
 
-    monkeypatch.setattr("devicemap.model.skeleton._trace_forward", broken)
+    monkeypatch.setattr("devicemap.model.trace._Run.forward", broken)
     skel = build_skeleton(tiny_models["t5"])
     registered = [n for n, _ in build_tiny("t5").named_children()]
     assert skel.order == "registration"

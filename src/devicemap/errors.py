@@ -45,6 +45,10 @@ class ConfigError(DevicemapError, ValueError):
     """A config.json that cannot be turned into a model (no `architectures`, ...)."""
 
 
+class RemoteCodeNotTrusted(ConfigError):
+    """A model that ships its own code (auto_map), loaded without trust_remote_code."""
+
+
 class CheckpointError(DevicemapError):
     """A checkpoint that is unreadable, truncated or incomplete."""
 

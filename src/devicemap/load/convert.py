@@ -69,6 +69,9 @@ class KeyMap:
     mismatched: tuple[tuple[str, Shape, Shape], ...]  # (key, model shape, checkpoint shape)
     failed: tuple[str, ...]  # conversions that cannot run on these inputs, with the reason
     not_loaded: frozenset[str]  # model keys no recipe makes, tied ones included (for tie_weights)
+    # model keys the checkpoint lacks that transformers ignores as missing and initialises
+    # (Marian's sinusoidal positions): the loader computes them the same way
+    regenerated: frozenset[str] = frozenset()
 
     @property
     def ok(self) -> bool:
@@ -94,9 +97,8 @@ def map_checkpoint(model: torch.nn.Module, index: CheckpointIndex) -> KeyMap:
         recipes.append(recipe)
     made = {t for r in recipes for t in r.targets}
     not_loaded = frozenset(expected.keys() - made)
-    missing, unexpected = _ignorable_removed(
-        model, set(not_loaded) - _tied_covered(model, made), unexpected
-    )
+    untied = set(not_loaded) - _tied_covered(model, made)
+    missing, unexpected = _ignorable_removed(model, untied, unexpected)
     order = {key: i for i, key in enumerate(expected)}
     recipes.sort(key=lambda r: min(order.get(t, len(order)) for t in r.targets))
     return KeyMap(
@@ -106,6 +108,7 @@ def map_checkpoint(model: torch.nn.Module, index: CheckpointIndex) -> KeyMap:
         mismatched=tuple(mismatched),
         failed=tuple(failed),
         not_loaded=not_loaded,
+        regenerated=frozenset(untied - missing),
     )
 
 

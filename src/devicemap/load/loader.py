@@ -26,6 +26,7 @@ from ..devices import CPU, DISK, Device, format_size, inventory, parse_device, p
 from ..errors import DeviceNotPresent, DeviceOutOfMemory, LoadError, PlanMismatch
 from ..model import checkpoint
 from ..model.checkpoint import CheckpointIndex, TensorInfo
+from ..model.init import initialize
 from ..model.skeleton import Skeleton, build_skeleton
 from ..plan.planner import Plan
 from .convert import (
@@ -129,6 +130,7 @@ class _Where:
 def _placement(model: torch.nn.Module, plan: Plan) -> dict[str, _Where]:
     """Each state_dict key and non-persistent buffer -> its block's devices; PlanMismatch if off."""
     names = {name for name, _ in model.named_modules()} | set(model.state_dict())
+    names |= {name for name, _ in model.named_buffers()}  # loose non-persistent buffers
     unknown = sorted(k for k in plan.device_map if k and k not in names)
     keys = [*model.state_dict(), *(name for name, _ in _non_persistent(model))]
     where, uncovered = {}, []
@@ -220,11 +222,12 @@ class _Job:
         return self.like(key).numel() * self.dtype(key).itemsize
 
     def set(self, key: str, tensor: torch.Tensor) -> None:
-        """Replace the meta tensor `key` with `tensor` (a frozen Parameter for parameters)."""
+        """Replace the meta tensor `key` with `tensor` (a Parameter for parameters)."""
         path, _, name = key.rpartition(".")
         module = self.model.get_submodule(path)
-        if name in module._parameters:
-            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+        old = module._parameters.get(name)
+        if old is not None:  # requires_grad as from_pretrained leaves it
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
         else:
             module._buffers[name] = tensor
         storage = self.where[key].storage
@@ -481,6 +484,7 @@ def _finish(job: _Job, skeleton: Skeleton) -> None:
     tie = getattr(model, "tie_weights", None)
     if tie is not None and getattr(model, "all_tied_weights_keys", None) is not None:
         tie(missing_keys=set(job.keys.not_loaded), recompute_mapping=False)
+    _regenerate(job)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise LoadError(f"nothing in the checkpoint filled {', '.join(left[:8])}")
@@ -488,6 +492,24 @@ def _finish(job: _Job, skeleton: Skeleton) -> None:
     _generation_config(model, skeleton.source.root)
     model.devicemap_plan = job.plan  # type: ignore[assignment]
     _dispatch(model, job.plan)
+
+
+def _regenerate(job: _Job) -> None:
+    """Weights the checkpoint lacks and the model declares it regenerates at load
+    (`_keys_to_ignore_on_load_missing`: Marian's sinusoidal positions) are computed by
+    transformers' initialisers on their block's execution device, as from_pretrained does."""
+    regenerated = set(job.keys.regenerated)
+    names = [n for n, t in job.model.named_parameters() if t.is_meta and n in regenerated]
+    for name in names:
+        path, _, leaf = name.rpartition(".")
+        module = job.model.get_submodule(path)
+        param = module._parameters[leaf]
+        assert param is not None
+        device = job.where[name].execute.torch()
+        with _memory_of(job, job.where[name].execute, name):
+            empty = torch.empty_like(param, device=device)
+        module._parameters[leaf] = torch.nn.Parameter(empty, requires_grad=param.requires_grad)
+    initialize(job.model, names)
 
 
 def _generation_config(model: torch.nn.Module, root: Path) -> None:

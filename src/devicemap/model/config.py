@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RemoteCodeNotTrusted
 from .checkpoint import ModelSource
 
 DTYPES: dict[str, torch.dtype] = {
@@ -26,13 +26,18 @@ _VOLATILE_KEYS = frozenset({"transformers_version", "_name_or_path", "dtype", "t
 
 
 def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
-    """The transformers config of `source`, checked to name a model class."""
+    """The transformers config of `source`, checked to name a model class.
+
+    A model whose code ships with it (`auto_map`, a model type transformers lacks) is
+    refused before any of that code runs unless `trust_remote_code` is True."""
     from transformers import AutoConfig
 
+    if not trust_remote_code:
+        refuse_untrusted_code(source)
+    # a directory, so transformers finds a custom model's configuration_*.py beside it
+    where = source.root if source.config_path.name == "config.json" else source.config_path
     try:
-        config = AutoConfig.from_pretrained(
-            str(source.config_path), trust_remote_code=trust_remote_code
-        )
+        config = AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(
             f"{source.config_path}: transformers cannot read this config ({exc}). "
@@ -45,6 +50,50 @@ def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
             "(the name is on the model card, or in the config of the original release)."
         )
     return config
+
+
+def refuse_untrusted_code(source: ModelSource) -> None:
+    """RemoteCodeNotTrusted naming the files that would run, if building `source` needs code
+    shipped with it (an `auto_map` entry, and a model type or class transformers lacks)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        raw = json.loads(source.config_path.read_text())
+    except (OSError, ValueError):
+        return  # unreadable: load_config reports it
+    auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+    if not isinstance(auto_map, dict) or not auto_map:
+        return
+    architectures = raw.get("architectures") or []
+    native_type = raw.get("model_type") in CONFIG_MAPPING_NAMES
+    native_class = bool(architectures) and hasattr(transformers, str(architectures[0]))
+    if native_type and (native_class or not architectures):
+        return  # transformers builds it itself; the shipped code is not needed
+    files = sorted({_code_file(ref) for ref in _references(auto_map)})
+    shown = ", ".join(str(source.root / f) if "--" not in f else f for f in files)
+    raise RemoteCodeNotTrusted(
+        f"{source.name} ships its own model code, which would run to build it: {shown}"
+        " (auto_map in its config.json). devicemap runs it only when you trust it: pass"
+        " trust_remote_code=True in Python, or --trust-remote-code on the command line"
+    )
+
+
+def _references(auto_map: dict[str, Any]) -> list[str]:
+    refs = []
+    for value in auto_map.values():
+        for ref in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(ref, str):
+                refs.append(ref)
+    return refs
+
+
+def _code_file(reference: str) -> str:
+    """'modeling_x.Model' -> 'modeling_x.py'; 'owner/repo--modeling_x.Model' -> 'owner/repo:
+    modeling_x.py' (code from another repository)."""
+    repo, sep, rest = reference.rpartition("--")
+    module = rest.rsplit(".", 1)[0]
+    return f"{repo}--{module}.py" if sep else f"{module}.py"
 
 
 def parse_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
@@ -65,6 +114,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_AUTO_CLASSES = (
+    "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForVision2Seq",
+    "AutoModelForSeq2SeqLM", "AutoModel",
+)  # fmt: skip  # which auto_map entry builds the model, when none names the architecture
+
+
 def model_class(config: Any, source: ModelSource, *, trust_remote_code: bool = False) -> type:
     """The class named first in `config.architectures`, from transformers or the model's code."""
     import transformers
@@ -74,19 +129,18 @@ def model_class(config: Any, source: ModelSource, *, trust_remote_code: bool = F
     if isinstance(cls, type):
         return cls
     auto_map = getattr(config, "auto_map", None) or {}
-    refs = [r for r in auto_map.values() if isinstance(r, str) and r.split(".")[-1] == name]
+    refs = [r for r in _references(auto_map) if r.split(".")[-1] == name]
+    refs += [r for key in _AUTO_CLASSES for r in _references({key: auto_map.get(key)})]
     if trust_remote_code and refs:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
         return get_class_from_dynamic_module(refs[0], str(source.root))  # type: ignore[no-any-return]
-    hint = (
-        " The config ships its own code (auto_map): pass trust_remote_code=True if you trust it."
-        if refs
-        else " Check the spelling, or upgrade transformers if the architecture is newer."
-    )
+    if refs:
+        refuse_untrusted_code(source)
     raise ConfigError(
-        f"{source.config_path} names the architecture {name!r}, which transformers "
-        f"{transformers.__version__} does not have.{hint}"
+        f"{source.config_path} names the architecture {name!r}, which transformers"
+        f" {transformers.__version__} does not have. Check the spelling, or upgrade"
+        " transformers if the architecture is newer."
     )
 
 
@@ -105,10 +159,11 @@ def _without_volatile(value: Any) -> Any:
 
 
 def max_positions(config: Any) -> int | None:
-    """The longest context the config allows (text config for VLMs); None when it has no limit."""
+    """The longest context the config allows (text config for VLMs); None when it has no limit
+    (none given, or a non-positive value: XLNet's -1 means unlimited)."""
     for cfg in (config, config.get_text_config(decoder=True)):
         for key in ("max_position_embeddings", "n_positions"):
             value = getattr(cfg, key, None)
-            if isinstance(value, int):
-                return value
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value if value > 0 else None
     return None

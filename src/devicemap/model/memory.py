@@ -13,12 +13,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-
 
 def logits_bytes_per_token(config: Any) -> int:
     """fp32 logits of one token over the (text) vocabulary; 0 when the config has none."""
-    vocab = getattr(config.get_text_config(decoder=True), "vocab_size", None) or 0
+    vocab = attr_int(config.get_text_config(decoder=True), "vocab_size") or 0
     return int(vocab * 4)
 
 
@@ -32,49 +30,81 @@ def kv_layers(config: Any, dtype: torch.dtype) -> list[KVLayer]:
     """Per decoder layer index: KV bytes per token and window, as transformers' cache holds them.
 
     Layer types come from `get_layer_types_and_kwargs` (what DynamicCache uses): sliding and
-    chunked layers keep a window; "dummy" layers (shared KV, MLP/MoE-only) keep nothing.
+    chunked layers keep a window; "dummy" layers (shared KV, MLP/MoE-only) and recurrent
+    ones (Mamba, linear attention: a constant state, measured by trace.py) keep no K/V.
+    Heads come from each layer's own config where the config is per-layer (Gemma 4).
+    The fallback when no traced forward measured the cache.
     """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text = config.get_text_config(decoder=True)
-    per_token = 2 * kv_heads(text) * head_dim(text) * dtype.itemsize  # K and V
     try:
         types, kwargs = get_layer_types_and_kwargs(text)
-    except (AttributeError, TypeError, ValueError):
-        types, kwargs = [], []
+        layer_configs = list(text.per_layer_config)
+    except Exception:  # no layer types this transformers can tell: no formula either
+        return []
     layers = []
-    for layer_type, layer_kwargs in zip(types, kwargs, strict=False):
-        if layer_type in ("dummy", "conv", "linear_attention", "mamba"):
+    for layer_type, layer_kwargs, cfg in zip(types, kwargs, layer_configs, strict=False):
+        if layer_type in _NO_KV:
             layers.append(KVLayer(0, None))
         else:
+            per_token = 2 * kv_heads(cfg) * head_dim(cfg) * dtype.itemsize  # K and V
             layers.append(KVLayer(per_token, layer_kwargs.get("sliding_window")))
     return layers
 
 
-def kv_heads(cfg: Any) -> int:
-    """Key/value heads of one attention layer (GQA configs have fewer than query heads)."""
-    for key in ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads"):
+_NO_KV = frozenset({"dummy", "conv", "linear_attention", "mamba", "recurrent", "rwkv"})
+
+
+def attr_int(cfg: Any, key: str) -> int | None:
+    """An integer config attribute, or None: absent, per-layer (Gemma 4 raises on the global
+    read), or not an int; a list of ints (Gemma-3n's per-layer MLP widths) gives its max."""
+    try:
         value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
+    except Exception:  # AmbiguousGlobalPerLayerAttributeError
+        return None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+        return int(max(value))
+    return None
+
+
+def kv_heads(cfg: Any) -> int:
+    """Key/value heads of one attention layer (GQA configs have fewer than query heads); 0
+    for a config without attention heads (Mamba, RWKV, a VQ-VAE)."""
+    for key in ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads"):
+        value = attr_int(cfg, key)
+        if value is not None and value > 0:
             return value
-    raise ConfigError(f"{type(cfg).__name__} names no attention head count")
+    return 0
+
+
+def query_heads(cfg: Any) -> int:
+    for key in ("num_attention_heads", "n_head", "num_heads"):
+        value = attr_int(cfg, key)
+        if value is not None and value > 0:
+            return value
+    return 0
 
 
 def head_dim(cfg: Any) -> int:
     """Width of one attention head: `head_dim` / `d_kv`, else hidden size / query heads."""
     for key in ("head_dim", "d_kv"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
+        value = attr_int(cfg, key)
+        if value is not None and value > 0:
             return value
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
-    return hidden_size(cfg) // heads
+    heads = query_heads(cfg)
+    return hidden_size(cfg) // heads if heads else 0
 
 
 def hidden_size(cfg: Any) -> int:
     """Width of the residual stream (0 if the config does not say)."""
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int):
+    for key in ("hidden_size", "n_embd", "d_model", "embed_dim", "dim"):
+        value = attr_int(cfg, key)
+        if value is not None:
             return value
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else None
     return hidden_size(text) if text is not None and text is not cfg else 0
@@ -124,26 +154,24 @@ def layer_act_width(cfg: Any) -> int:
 
     Assumes SDPA/flash attention (no T x T score matrix). Attention phase: residual + normed
     input + q + k + v + attention output. MLP phase: residual + normed input + the gate, up
-    and activated intermediates of each expert a token is routed to (`mlp_width`).
+    and activated intermediates of each expert a token is routed to (`mlp_width`). A layer
+    without attention heads (Mamba, RWKV, convolutions) has only the second.
     """
     hidden = hidden_size(cfg)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
-    q_width = heads * head_dim(cfg)
+    q_width = query_heads(cfg) * head_dim(cfg)
     attention = 2 * hidden + 2 * q_width + 2 * kv_heads(cfg) * head_dim(cfg)
     return max(attention, 2 * hidden + 3 * mlp_width(cfg))
 
 
 def mlp_width(cfg: Any) -> int:
     """Intermediate width a token passes through: dense MLP, or top-k experts + shared expert."""
-    dense = (
-        getattr(cfg, "intermediate_size", None)
-        or getattr(cfg, "n_inner", None)
-        or getattr(cfg, "d_ff", None)
-        or 4 * hidden_size(cfg)
+    dense = next(
+        (v for k in ("intermediate_size", "n_inner", "d_ff", "ffn_dim") if (v := attr_int(cfg, k))),
+        4 * hidden_size(cfg),
     )
-    top_k = getattr(cfg, "num_experts_per_tok", None)
+    top_k = attr_int(cfg, "num_experts_per_tok")
     if not top_k:
         return int(dense)
-    expert = getattr(cfg, "moe_intermediate_size", None) or dense
-    shared = getattr(cfg, "shared_expert_intermediate_size", None) or 0
+    expert = attr_int(cfg, "moe_intermediate_size") or dense
+    shared = attr_int(cfg, "shared_expert_intermediate_size") or 0
     return int(top_k * expert + shared)

@@ -11,15 +11,15 @@ block (KV cache, activations, logits) from memory.py.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
-from collections.abc import Callable, Container, Hashable, Iterable, Iterator
+from collections.abc import Callable, Container, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .checkpoint import ModelSource, resolve_model
 from .config import (
@@ -29,7 +29,9 @@ from .config import (
     model_class,
     parse_dtype,
 )
+from .init import initialize, runtime_buffers, with_owner
 from .memory import act_bytes_per_token, block_kv, kv_layers, logits_bytes_per_token
+from .trace import Part, Trace, trace
 
 H = TypeVar("H", bound=Hashable)
 
@@ -45,6 +47,14 @@ class Block:
     kv_bytes_per_token: int  # KV cache of the attention layers inside, per token per sequence
     kv_window: int | None  # sliding window: at most this many tokens cached; None = whole context
     act_bytes_per_token: int  # activation workspace while it runs, per token per sequence
+    # a loose tensor (a parameter or buffer directly on a module that holds blocks, like
+    # BART's final_logits_bias): the block it goes with, kept on that block's execution device
+    anchor: str | None = None
+    state_bytes: int = 0  # recurrent state per sequence, whatever the context (Mamba, RWKV)
+
+    @property
+    def loose(self) -> bool:
+        return self.anchor is not None
 
 
 @dataclass(frozen=True)
@@ -79,9 +89,9 @@ def build_skeleton(
     units = set(getattr(module, "_no_split_modules", None) or ()) | set(no_split)
     parts = find_parts(module, units)
     scratch = lambda: build_on_meta(cls, copy.deepcopy(config), plan_dtype)  # noqa: E731
-    parts, order = order_parts(parts, scratch, units, config)
+    parts, order, found = order_parts(parts, scratch, units, config)
     materialize_buffers(module)
-    blocks = make_blocks(module, parts, config, plan_dtype)
+    blocks = make_blocks(module, parts, config, plan_dtype, found)
     return Skeleton(
         model=module,
         config=config,
@@ -102,10 +112,34 @@ def build_skeleton(
 
 def build_on_meta(cls: type, config: Any, dtype: torch.dtype) -> torch.nn.Module:
     """`cls(config)` with every tensor on meta, at `dtype`, keep-in-fp32 modules in fp32."""
-    with torch.device("meta"):
+    from transformers import initialization
+
+    # as from_pretrained builds (meta, linspace on CPU for custom code), minus the
+    # initialisers, which only cost time on meta tensors
+    safe_ops = getattr(initialization, "meta_device_safe_creation_ops", contextlib.nullcontext)
+    with torch.device("meta"), initialization.no_init_weights(), safe_ops():
         module: torch.nn.Module = cls._from_config(config, dtype=dtype)  # type: ignore[attr-defined]
+    tie = getattr(module, "tie_weights", None)
+    if tie is not None:  # what post_init does on meta, which no_init_weights skipped
+        tie()
+    to_meta_weights(module)
     keep_fp32(module, dtype)
     return module.eval()
+
+
+def to_meta_weights(module: torch.nn.Module) -> None:
+    """Parameters and persistent buffers made off meta anyway (a model calling
+    `torch.normal(..., size=...)`, which takes no device from the context) go to meta: the
+    checkpoint fills them."""
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None and not param.is_meta:
+                meta = torch.empty_like(param, device="meta")
+                sub._parameters[name] = torch.nn.Parameter(meta, param.requires_grad)
+        for name, buffer in sub._buffers.items():
+            persistent = name not in sub._non_persistent_buffers_set
+            if buffer is not None and persistent and not buffer.is_meta:
+                sub._buffers[name] = torch.empty_like(buffer, device="meta")
 
 
 def keep_fp32(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -125,53 +159,26 @@ def keep_fp32(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def materialize_buffers(module: torch.nn.Module) -> None:
-    """Recompute the non-persistent buffers (rotary inv_freq, position_ids) on CPU.
-
-    They are not in checkpoints, so the loader needs their values. Each module that owns
-    one gets fresh CPU buffers and is re-initialised by the `_init_weights` of its nearest
-    transformers model (as `from_pretrained` does); its parameters stay on meta.
-    """
-    from transformers import PreTrainedModel
-
-    with torch.no_grad():
-        for owner, sub in _modules_with_owner(module, PreTrainedModel):
-            names = [n for n in sub._non_persistent_buffers_set if sub._buffers.get(n) is not None]
-            for name in names:
-                buffer = sub._buffers[name]
-                assert buffer is not None
-                sub._buffers[name] = torch.empty_like(buffer, device="cpu")
-            if names and owner is not None:
-                owner._init_weights(sub)
-
-
-def _modules_with_owner(
-    module: torch.nn.Module, owner_type: type, owner: Any = None
-) -> Iterator[tuple[Any, torch.nn.Module]]:
-    """Every module with the nearest enclosing `owner_type` module (itself included)."""
-    owner = module if isinstance(module, owner_type) else owner
-    yield owner, module
-    for child in module.children():
-        yield from _modules_with_owner(child, owner_type, owner)
+    """Compute the non-persistent buffers (rotary inv_freq, position_ids, masks) on CPU, as
+    `from_pretrained` does (init.py); parameters stay on meta."""
+    names = []
+    for prefix, sub in module.named_modules():
+        for leaf in runtime_buffers(sub):
+            buffer = sub._buffers[leaf]
+            assert buffer is not None
+            sub._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+            names.append(f"{prefix}.{leaf}" if prefix else leaf)
+    initialize(module, names)
 
 
 # --- blocks -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Part:
-    """A block before sizing: a module (or one tensor of a module) and where it sits."""
-
-    name: str
-    module: torch.nn.Module  # the module it is, or the module owning its single tensor
-    tensor: str | None  # set when the block is one direct tensor of a module holding units
-    no_split: bool
-
-
-def find_parts(module: torch.nn.Module, units: set[str]) -> list[_Part]:
+def find_parts(module: torch.nn.Module, units: set[str]) -> list[Part]:
     """No-split units and the maximal unit-free subtrees holding tensors, in registration order."""
     contains: dict[int, bool] = {}
     _mark_units(module, units, contains)
-    parts: list[_Part] = []
+    parts: list[Part] = []
     _collect(module, "", units, contains, parts)
     return parts
 
@@ -190,20 +197,20 @@ def _collect(
     prefix: str,
     units: set[str],
     contains: dict[int, bool],
-    parts: list[_Part],
+    parts: list[Part],
 ) -> None:
     if prefix and type(module).__name__ in units:
-        parts.append(_Part(prefix, module, None, no_split=True))
+        parts.append(Part(prefix, module, None, no_split=True))
         return
     if prefix and not contains[id(module)]:
         if _has_tensors(module):
-            parts.append(_Part(prefix, module, None, no_split=False))
+            parts.append(Part(prefix, module, None, no_split=False))
         return
     # holds units (or is the root): its own tensors become blocks, its children are visited
     direct = [*module._parameters.items(), *module._buffers.items()]
     for name, tensor in direct:
         if tensor is not None:
-            parts.append(_Part(_join(prefix, name), module, name, no_split=False))
+            parts.append(Part(_join(prefix, name), module, name, no_split=False))
     for name, child in module.named_children():
         _collect(child, _join(prefix, name), units, contains, parts)
 
@@ -217,9 +224,17 @@ def _join(prefix: str, name: str) -> str:
 
 
 def make_blocks(
-    module: torch.nn.Module, parts: list[_Part], config: Any, dtype: torch.dtype
+    module: torch.nn.Module,
+    parts: list[Part],
+    config: Any,
+    dtype: torch.dtype,
+    found: Trace | None = None,
 ) -> tuple[Block, ...]:
-    """Blocks in `parts` order: state_dict keys, bytes (each tensor once), memory per token."""
+    """Blocks in `parts` order: state_dict keys, bytes (each tensor once), memory per token;
+    loose tensors with the block each goes with. The cache each block keeps is what the
+    traced forward measured; without a trace, the config's formula (memory.py)."""
+    anchors = {**_nearest_anchors(parts), **(found.anchors if found else {})}
+    measured = found.cache if found else {}
     keys = _keys_by_part(module, parts)
     seen: set[int] = set()  # ids of tensors already counted (ties count once)
     owners = _config_owners(module)
@@ -228,18 +243,32 @@ def make_blocks(
     for part in parts:
         cfg = owners.get(id(part.module), config)
         kv_bytes, window = (0, None) if part.tensor is not None else block_kv(part.module, kv)
+        use = measured.get(part.name)
         blocks.append(
             Block(
                 name=part.name,
                 params=tuple(keys[part.name]),
                 nbytes=_count_bytes(_tensors(part), seen),
                 no_split=part.no_split,
-                kv_bytes_per_token=kv_bytes,
+                kv_bytes_per_token=use.per_token if use is not None else kv_bytes,
                 kv_window=window,
                 act_bytes_per_token=act_bytes_per_token(cfg, dtype, layer=part.no_split),
+                anchor=anchors[part.name] if part.tensor is not None else None,
+                state_bytes=use.state if use is not None else 0,
             )
         )
     return tuple(blocks)
+
+
+def _nearest_anchors(parts: list[Part]) -> dict[str, str]:
+    """Loose part -> the next module part in `parts` order (else the previous one)."""
+    modules = [i for i, p in enumerate(parts) if p.tensor is None]
+    anchors = {}
+    for i, part in enumerate(parts):
+        if part.tensor is not None and modules:
+            after = [j for j in modules if j > i]
+            anchors[part.name] = parts[after[0] if after else modules[-1]].name
+    return anchors
 
 
 def _config_owners(module: torch.nn.Module) -> dict[int, Any]:
@@ -248,12 +277,12 @@ def _config_owners(module: torch.nn.Module) -> dict[int, Any]:
 
     return {
         id(sub): owner.config
-        for owner, sub in _modules_with_owner(module, PreTrainedModel)
+        for owner, sub in with_owner(module, PreTrainedModel)
         if owner is not None
     }
 
 
-def _keys_by_part(module: torch.nn.Module, parts: list[_Part]) -> dict[str, list[str]]:
+def _keys_by_part(module: torch.nn.Module, parts: list[Part]) -> dict[str, list[str]]:
     """state_dict key -> the block whose prefix it has; every key lands in exactly one block."""
     keys: dict[str, list[str]] = {p.name: [] for p in parts}
     orphans = []
@@ -275,7 +304,7 @@ def _owner(key: str, names: Container[str]) -> str:
     return prefix if prefix in names else ""
 
 
-def _tensors(part: _Part) -> list[torch.Tensor]:
+def _tensors(part: Part) -> list[torch.Tensor]:
     if part.tensor is not None:
         tensor = getattr(part.module, part.tensor)
         return [tensor]
@@ -297,122 +326,26 @@ def _count_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
 # --- execution order ----------------------------------------------------------
 
 
-class _MetaScalars(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Answers the data-dependent questions a forward asks of meta tensors.
-
-    `.item()` / `bool()` on meta returns 1 / True (masks "all ones", checks pass), and
-    `nonzero` returns no rows (MoE routing selects no expert). Only the call order matters.
-    """
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        aten = torch.ops.aten
-        first = args[0] if args else None
-        if isinstance(first, torch.Tensor) and first.device.type == "meta":
-            if func is aten._local_scalar_dense.default:
-                return True if first.dtype == torch.bool else 1
-            if func is aten.nonzero.default:
-                return torch.empty((0, first.dim()), dtype=torch.long, device="meta")
-        return func(*args, **(kwargs or {}))
-
-
 def order_parts(
-    parts: list[_Part], build: Callable[[], torch.nn.Module], units: set[str], config: Any
-) -> tuple[list[_Part], Literal["forward", "registration"]]:
-    """Parts in the order a forward on meta tensors first calls them; uncalled ones last.
-
-    The forward runs on a scratch build (`build()`, with its own config): a forward may
-    install hooks (transformers' output capturing) and the trace sets eager MoE experts,
-    neither of which may stay on the skeleton's model. It first
-    runs with each stack of no-split units cut to its first two (meta ops run in Python:
-    80 full layers cost ~0.3 s), then whole; if both fail on meta, registration order.
-    """
-    for shorten in (True, False):
-        scratch = build()
-        try:
-            called = _called_names(scratch, find_parts(scratch, units), config, shorten=shorten)
-        except Exception:  # any failure on meta: try the next way
-            continue
-        first = {name: i for i, name in enumerate(called)}
-        ranked = sorted(enumerate(parts), key=lambda ip: (first.get(ip[1].name, len(first)), ip[0]))
-        return [p for _, p in ranked], "forward"
-    return parts, "registration"
-
-
-def _called_names(
-    scratch: torch.nn.Module, parts: list[_Part], config: Any, *, shorten: bool
-) -> list[str]:
-    """Names of `scratch`'s parts in first-call order during one meta forward (mutates it).
-
-    With `shorten`, each ModuleList of three or more no-split units runs only its first two
-    and the rest are placed after the second: a stack of layers runs in index order.
-    """
-    names: dict[int, list[str]] = {}  # id(module) -> parts it carries
-    for part in parts:
-        names.setdefault(id(part.module), []).append(part.name)
-    calls: list[str] = []
-    seen: set[int] = set()
-
-    def record(m: torch.nn.Module, args: Any) -> None:
-        if id(m) not in seen:
-            seen.add(id(m))
-            calls.extend(names[id(m)])
-
-    for part in parts:
-        part.module.register_forward_pre_hook(record)
-    stacks = _unit_stacks(scratch, {id(p.module) for p in parts if p.no_split}) if shorten else []
-    for parent, attr, stack, _ in stacks:
-        parent._modules[attr] = torch.nn.ModuleList(list(stack)[:2])
-    _trace_forward(scratch, config)
-    for _, _, stack, prefix in stacks:
-        at = calls.index(f"{prefix}.1") + 1  # ValueError if the stack did not run: full trace
-        calls[at:at] = [f"{prefix}.{i}" for i in range(2, len(stack))]
-    return calls
-
-
-def _unit_stacks(
-    module: torch.nn.Module, unit_ids: set[int], prefix: str = ""
-) -> list[tuple[torch.nn.Module, str, torch.nn.ModuleList, str]]:
-    """(parent, attribute, list, prefix) of every ModuleList of 3+ modules that are all units."""
-    stacks = []
-    for attr, child in module.named_children():
-        name = _join(prefix, attr)
-        if isinstance(child, torch.nn.ModuleList) and _all_units(child, unit_ids):
-            stacks.append((module, attr, child, name))
-            continue
-        stacks += _unit_stacks(child, unit_ids, name)
-    return stacks
-
-
-def _all_units(stack: torch.nn.ModuleList, unit_ids: set[int]) -> bool:
-    return len(stack) > 2 and all(id(m) in unit_ids for m in stack)
-
-
-def _trace_forward(scratch: torch.nn.Module, config: Any) -> None:
-    """One forward of `scratch` on meta inputs (`trace_inputs`), MoE experts in eager mode."""
-    can_set_experts = getattr(scratch, "_can_set_experts_implementation", None)
-    if can_set_experts is not None and can_set_experts():
-        scratch.set_experts_implementation("eager")  # type: ignore[operator]  # grouped_mm: bf16 only
-    with torch.no_grad(), _MetaScalars():  # type: ignore[no-untyped-call]
-        scratch(**trace_inputs(config), use_cache=False)
-
-
-def trace_inputs(config: Any) -> dict[str, torch.Tensor]:
-    """Meta inputs: input_ids [1, 8]; decoder ids and pixels where the model takes them."""
-    ids = torch.zeros((1, 8), dtype=torch.long, device="meta")  # [B, T]
-    inputs = {"input_ids": ids}
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids
-    vision = getattr(config, "vision_config", None)
-    if vision is not None and getattr(vision, "image_size", None):
-        size, channels = vision.image_size, getattr(vision, "num_channels", 3)
-        inputs["pixel_values"] = torch.zeros((1, channels, size, size), device="meta")
-    return inputs
+    parts: list[Part], build: Callable[[], torch.nn.Module], units: set[str], config: Any
+) -> tuple[list[Part], Literal["forward", "registration"], Trace | None]:
+    """Parts in the order a forward on meta tensors first calls them (trace.py), uncalled
+    ones last, each loose tensor right after its block; registration order if the model
+    cannot run on meta."""
+    found = trace(build, lambda scratch: find_parts(scratch, units), config)
+    if found is None:
+        return parts, "registration", None
+    first = {name: i for i, name in enumerate(found.calls)}
+    for loose, anchor in found.anchors.items():
+        first[loose] = first.get(anchor, len(first))
+    ranked = sorted(enumerate(parts), key=lambda ip: (first.get(ip[1].name, len(first)), ip[0]))
+    return [p for _, p in ranked], "forward", found
 
 
 # --- ties and the output ------------------------------------------------------
 
 
-def tied_groups(module: torch.nn.Module, parts: list[_Part]) -> tuple[tuple[str, ...], ...]:
+def tied_groups(module: torch.nn.Module, parts: list[Part]) -> tuple[tuple[str, ...], ...]:
     """Groups of blocks sharing a tensor: transformers' tie mapping plus ties made in __init__."""
     mapping = getattr(module, "all_tied_weights_keys", None) or {}
     keys: list[tuple[str, str]] = list(mapping.items())  # (target, source) state_dict keys
@@ -445,7 +378,7 @@ def connected_groups(pairs: Iterable[tuple[H, H]], order: Iterable[H]) -> list[l
     return list(groups.values())
 
 
-def output_block(module: torch.nn.Module, parts: list[_Part]) -> str | None:
+def output_block(module: torch.nn.Module, parts: list[Part]) -> str | None:
     """The block holding `get_output_embeddings()` (the LM head), if the model has one."""
     get = getattr(module, "get_output_embeddings", None)
     head = get() if get is not None else None

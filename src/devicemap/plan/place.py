@@ -4,7 +4,8 @@ O(blocks x devices) per pass, a constant number of passes. Cost model, per devic
 
     weights   blocks *stored* there
     kv_cache  sum over attention blocks *executing* there of
-              kv_bytes_per_token x min(context, window) x batch
+              kv_bytes_per_token x min(context, window) x batch, plus the recurrent
+              state of Mamba / RWKV / linear-attention blocks x batch (constant in context)
     workspace largest act_bytes_per_token executing there x prefill x batch
     logits    logits_bytes_per_token x batch x (1 token, or every prefill token with
               logits="all") on the LM head's execution device. generate() passes
@@ -16,7 +17,10 @@ O(blocks x devices) per pass, a constant number of passes. Cost model, per devic
 
 Disk holds weights only; blocks stored on cpu/disk keep their KV and workspace
 on their execution device. Tied blocks form one unit that goes to one device; pins
-fix a unit's device. The host (where cpu/disk-stored blocks execute) reserves their
+fix a unit's device. A loose tensor (a parameter or buffer directly on a module that holds
+blocks) joins its anchor block's unit but is kept on that unit's execution device, where
+the code using it runs (a few KiB: BART's final_logits_bias, BLIP-2's query_tokens).
+The host (where cpu/disk-stored blocks execute) reserves their
 runtime memory up front; `_refine` narrows that reserve over a few passes.
 """
 
@@ -107,7 +111,8 @@ class _Unit:
     """Blocks that must share a device (a tied group, or one block), costed at the options."""
 
     blocks: tuple[int, ...]  # block positions, leader (first in execution order) first
-    weights: int  # bytes
+    weights: int  # bytes stored on the unit's device
+    resident: int  # bytes of its loose tensors, kept on its execution device
     kv: int  # bytes at context x batch
     act: int  # largest act_bytes_per_token
     stage: int  # largest block, bytes (the staging buffer it needs when streamed)
@@ -120,6 +125,9 @@ def _units(skeleton: Skeleton, options: PlanOptions) -> list[_Unit]:
     for group in skeleton.tied:
         members = [position[name] for name in group if name in position]
         pairs += [(members[0], i) for i in members[1:]]
+    for i, block in enumerate(skeleton.blocks):
+        if block.anchor is not None and block.anchor in position:
+            pairs.append((position[block.anchor], i))
     groups = connected_groups(pairs, range(len(skeleton.blocks)))  # each led by its first block
     return [_unit(skeleton, members, options) for members in groups]
 
@@ -129,10 +137,11 @@ def _unit(skeleton: Skeleton, members: list[int], options: PlanOptions) -> _Unit
     output = any(b.name == skeleton.output_block for b in blocks)
     return _Unit(
         blocks=tuple(members),
-        weights=sum(b.nbytes for b in blocks),
+        weights=sum(b.nbytes for b in blocks if not b.loose),
+        resident=sum(b.nbytes for b in blocks if b.loose),
         kv=sum(kv_bytes(b, options.context, options.batch) for b in blocks),
         act=max(b.act_bytes_per_token for b in blocks),
-        stage=max(b.nbytes for b in blocks),
+        stage=max((b.nbytes for b in blocks if not b.loose), default=0),
         logits=skeleton.logits_bytes_per_token * options.logits_tokens() * options.batch
         if output
         else 0,
@@ -140,9 +149,10 @@ def _unit(skeleton: Skeleton, members: list[int], options: PlanOptions) -> _Unit
 
 
 def kv_bytes(block: Block, context: int, batch: int) -> int:
-    """KV cache of one block: a sliding window caches at most `kv_window` tokens."""
+    """Cache of one block: K/V of `context` tokens (a sliding window caches at most
+    `kv_window`) plus its recurrent state, per sequence."""
     tokens = context if block.kv_window is None else min(context, block.kv_window)
-    return block.kv_bytes_per_token * tokens * batch
+    return (block.kv_bytes_per_token * tokens + block.state_bytes) * batch
 
 
 # --- loads: what a device must hold while the plan is being built --------------
@@ -161,7 +171,8 @@ class _Load:
         return self.weights + self.kv + self.act * tokens + self.logits + 2 * self.stage
 
     def run(self, unit: _Unit, *, streamed: bool) -> None:
-        """Charge the runtime memory of `unit` executing here."""
+        """Charge the runtime memory of `unit` executing here (its loose tensors too)."""
+        self.weights += unit.resident
         self.kv += unit.kv
         self.act = max(self.act, unit.act)
         self.logits += unit.logits
@@ -171,7 +182,8 @@ class _Load:
     def with_unit(self, unit: _Unit, tokens: int) -> int:
         """total() if `unit` were stored and executed here."""
         act = max(self.act, unit.act) * tokens
-        return self.total(tokens) - self.act * tokens + unit.weights + unit.kv + act + unit.logits
+        own = unit.weights + unit.resident + unit.kv + unit.logits
+        return self.total(tokens) - self.act * tokens + own + act
 
 
 @dataclass(frozen=True)
@@ -391,7 +403,8 @@ def _stored(lay: Layout, fill: Fill) -> list[Device]:
     placed = {**lay.fixed, **{lay.free[pos]: d for pos, d in enumerate(fill.where)}}
     for index, device in placed.items():
         for i in lay.units[index].blocks:
-            stored[i] = device
+            loose = lay.skeleton.blocks[i].loose
+            stored[i] = lay.exec_device(device) if loose else device
     return stored
 
 

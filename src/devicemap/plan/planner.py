@@ -359,6 +359,7 @@ class _Tally:
     kv_full: int = 0  # KV bytes per token per sequence, layers without a window
     kv_windowed: dict[int, int] = field(default_factory=dict)  # window -> bytes per token
     kv_layers: int = 0
+    state: int = 0  # recurrent state bytes per sequence, whatever the context
     act: int = 0  # largest act bytes per token per sequence
     logits: int = 0  # logits bytes per token per sequence
     stage: int = 0  # largest block streamed in
@@ -370,7 +371,7 @@ class _Tally:
             device=device,
             budget=budget,
             weights=self.weights,
-            kv_cache=(self.kv_full * context + windowed) * opts.batch,
+            kv_cache=(self.kv_full * context + windowed + self.state) * opts.batch,
             workspace=self.act * tokens,
             logits=self.logits * opts.logits_tokens(context) * opts.batch,
             staging=2 * self.stage,
@@ -389,7 +390,8 @@ def _tallies(lay: Layout, stored: list[Device]) -> dict[Device, _Tally]:
         else:
             rate = tally.kv_windowed.get(block.kv_window, 0) + block.kv_bytes_per_token
             tally.kv_windowed[block.kv_window] = rate
-        tally.kv_layers += block.kv_bytes_per_token > 0
+        tally.kv_layers += block.kv_bytes_per_token > 0 or block.state_bytes > 0
+        tally.state += block.state_bytes
         tally.act = max(tally.act, block.act_bytes_per_token)
         tally.logits += lay.skeleton.logits_bytes_per_token if block.name == output else 0
         if where != device and where.is_gpu:
@@ -436,9 +438,16 @@ def _reasons(
     lines += _remote_lines(lay, stored)
     lines += _pin_lines(lay, stored)
     for unit in lay.units:
-        if len(unit.blocks) > 1:
-            names = ", ".join(blocks[i].name for i in unit.blocks)
+        tied = [blocks[i].name for i in unit.blocks if not blocks[i].loose]
+        if len(tied) > 1:
+            names = ", ".join(tied)
             lines.append(f"tied: {names} share weights, so all are on {stored[unit.blocks[0]]}")
+    for block, device in zip(blocks, stored, strict=True):
+        if block.anchor is not None:
+            lines.append(
+                f"{block.name} ({format_size(block.nbytes)}) is a tensor the model uses next to"
+                f" {block.anchor}: kept on {device}, where {block.anchor} runs"
+            )
     return tuple(lines)
 
 

@@ -109,7 +109,7 @@ def _memory_suggestions(lay: Layout) -> list[str]:
             on_disk = fill.loads[DISK].weights
             found.append(f"add --max-memory disk={_ceil_gib(on_disk)}GiB")
     base = budgets.get(CPU, 0)
-    top = base + weights + sum(b.kv_bytes_per_token for b in sk.blocks) * opts.context * opts.batch
+    top = base + weights + sum(kv_bytes(b, opts.context, opts.batch) for b in sk.blocks)
     top += sum(b.act_bytes_per_token for b in sk.blocks[:1]) * lay.tokens + 2 * _GIB
     gib = _smallest(
         _ceil_gib(base), _ceil_gib(top), lambda n: _fits(sk, {**budgets, CPU: n * _GIB}, opts)
@@ -132,6 +132,7 @@ def _rescaled(skeleton: Skeleton, dtype: torch.dtype) -> Skeleton | None:
             b,
             nbytes=b.nbytes * new // old,
             kv_bytes_per_token=b.kv_bytes_per_token * new // old,
+            state_bytes=b.state_bytes * new // old,
             act_bytes_per_token=b.act_bytes_per_token * new // old,
         )
         for b in skeleton.blocks

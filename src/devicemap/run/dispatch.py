@@ -132,7 +132,7 @@ def attach(
     if _STATE in model.__dict__:
         raise PlanError("this model is already dispatched; call devicemap.release(model) first")
     modules = _resolve(model, layout)
-    _check_storage(modules, layout)
+    _check_storage(model, modules, layout)
     hooked = boundaries(layout) if hooked is None else hooked
     state = _Dispatched(layout=layout, mover=Mover())
     model.__dict__[_STATE] = state
@@ -140,9 +140,9 @@ def attach(
         offloads = _offloads(modules, layout, prefetch=prefetch)
         state.offloads = list({id(o): o for o in offloads.values()}.values())
         _hook_entries(model, modules, state)
-        for name in layout.order:
-            move = name in hooked and modules[name] is not model  # the model: entry hooks move
-            _hook_block(name, modules[name], state, move=move, off=offloads.get(name))
+        for name, module in modules.items():
+            move = name in hooked and module is not model  # the model: entry hooks move
+            _hook_block(name, module, state, move=move, off=offloads.get(name))
         _hook_aliases(model, modules, state, offloads)
     except BaseException:
         release(model, drop_weights=False)
@@ -153,12 +153,16 @@ def attach(
 
 
 def _resolve(model: torch.nn.Module, layout: Layout) -> dict[str, torch.nn.Module]:
+    """The modules the plan's blocks name; loose tensors (a parameter or buffer the plan
+    places on its own) are checked to exist and get no hooks: their owner's code uses them
+    where they are kept."""
     modules, missing = {}, []
     for name in layout.order:
         try:
             modules[name] = model.get_submodule(name)
         except AttributeError:
-            missing.append(name)
+            if _loose_tensor(model, name) is None:
+                missing.append(name)
     if missing:
         raise PlanError(
             f"the plan names blocks this model does not have: {', '.join(missing)};"
@@ -167,7 +171,20 @@ def _resolve(model: torch.nn.Module, layout: Layout) -> dict[str, torch.nn.Modul
     return modules
 
 
-def _check_storage(modules: Mapping[str, torch.nn.Module], layout: Layout) -> None:
+def _loose_tensor(model: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter or buffer called `name`, or None."""
+    path, _, leaf = name.rpartition(".")
+    try:
+        owner = model.get_submodule(path)
+    except AttributeError:
+        return None
+    tensor = owner._parameters.get(leaf, owner._buffers.get(leaf))
+    return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+def _check_storage(
+    model: torch.nn.Module, modules: Mapping[str, torch.nn.Module], layout: Layout
+) -> None:
     """Every weight on its block's storage device (disk: a cpu mmap); all bad blocks listed."""
     bad = []
     for name, module in modules.items():
@@ -180,6 +197,11 @@ def _check_storage(modules: Mapping[str, torch.nn.Module], layout: Layout) -> No
         if wrong:
             more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
             bad.append(f"{wrong[0]}{more} (plan: {layout.storage[name]})")
+    for name in layout.order:
+        tensor = None if name in modules else _loose_tensor(model, name)
+        allowed = {layout.storage[name].torch(), layout.execution[name].torch()}
+        if tensor is not None and tensor.device not in allowed:
+            bad.append(f"{name} on {tensor.device} (plan: {layout.storage[name]})")
     if bad:
         raise LoadError(
             f"weights of {len(bad)} block(s) are not on the storage device the plan gives"
@@ -202,7 +224,7 @@ def _offloads(
     """One streamer per GPU that executes cpu/disk-stored blocks; one page prefetcher."""
     streamed: dict[Device, list[BlockWeights]] = {}
     paged: list[BlockWeights] = []
-    for name in layout.order:
+    for name in modules:
         stored, runs = layout.storage[name], layout.execution[name]
         if stored == runs or (stored.kind == "cpu" and runs.kind == "cpu"):
             continue
@@ -258,7 +280,7 @@ def _hook_entries(
 def _home(entry: torch.nn.Module, modules: Mapping[str, torch.nn.Module], layout: Layout) -> Any:
     inside = {id(m) for m in entry.modules()}
     for name in layout.order:
-        if id(modules[name]) in inside:
+        if name in modules and id(modules[name]) in inside:
             return layout.execution[name].torch()
     return layout.execution[layout.order[0]].torch()
 
@@ -323,22 +345,27 @@ def _hook_aliases(
     owner: dict[int, str] = {}
     for name, module in modules.items():
         owner.update((id(p), name) for p in module.parameters())
+    loose_ids = {
+        id(t)
+        for n in state.layout.order
+        if n not in modules and (t := _loose_tensor(model, n)) is not None
+    }
     inside = {id(m) for module in modules.values() for m in module.modules()}
-    loose = []
+    outside = []
     multi = len(set(state.layout.execution.values())) > 1
     for mname, module in model.named_modules():
-        own = list(module.parameters(recurse=False))
+        own = [p for p in module.parameters(recurse=False) if id(p) not in loose_ids]
         if id(module) in inside or not own:
             continue
         names = {owner.get(id(p)) for p in own}
         if None in names or len(names) != 1:
-            loose.append(mname or "(the model itself)")
+            outside.append(mname or "(the model itself)")
             continue
         block = str(names.pop())
         _hook_block(block, module, state, move=multi, off=offloads.get(block))
-    if loose:
+    if outside:
         raise PlanError(
-            f"modules with weights outside every block of the plan: {', '.join(loose)};"
+            f"modules with weights outside every block of the plan: {', '.join(outside)};"
             " the plan was made for another model: make it again with devicemap.plan"
         )
 
