@@ -244,7 +244,7 @@ class _Job:
         return any(w.storage == DISK for w in self.where.values())
 
     def private_map(self, file: Path) -> mmap.mmap:
-        """This load's copy-on-write map of `file` (cpu-tier views), made on first use."""
+        """This load's copy-on-write map of `file` (weights kept as file pages), made once."""
         if file not in self.maps:
             self.maps[file] = checkpoint.private_map(file)
         return self.maps[file]
@@ -270,8 +270,9 @@ def _place_recipe(
         if job.where[key].storage != DISK:
             rest.append(key)
             continue
-        view = checkpoint.tensor_view(cached[key] if key in cached else recipe.inputs[0])
-        job.set(key, view)  # zero-copy: the parameter IS the file's page cache
+        info = cached[key] if key in cached else recipe.inputs[0]
+        view = checkpoint.tensor_view(info, mapping=job.private_map(info.file))
+        job.set(key, view)  # zero-copy: the parameter IS the file's page cache, copy-on-write
         meter.advance(DISK, view.nbytes)
     if not rest:
         return

@@ -12,6 +12,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -290,11 +291,11 @@ _bin_states: dict[Path, dict[str, torch.Tensor]] = {}  # torch.load(mmap=True) p
 def tensor_view(info: TensorInfo, *, mapping: mmap.mmap | None = None) -> torch.Tensor:
     """The tensor as a CPU view of the file's page cache: no copy, no ordinary RAM until touched.
 
-    By default (the disk tier) a view of the file's one shared read-only map (PROT_READ):
-    writing into it crashes the process, though torch cannot mark it read-only; devicemap
-    only reads such views. `mapping` (weights the plan keeps in RAM) is a map from
-    `private_map`, copy-on-write, as safetensors gives transformers: a write copies that
-    page into the process and the file never changes.
+    By default a view of the file's one shared read-only map (PROT_READ): writing into it
+    crashes the process, though torch cannot mark it read-only; devicemap only reads such
+    views. The loader gives every weight it keeps as file pages (cpu and disk tiers) a
+    `mapping` from `private_map` instead, copy-on-write, as safetensors gives transformers:
+    a write copies that page into the process and the file never changes.
     """
     if info.offset < 0:  # pickled .bin: torch's own mmap of the zip, also zero-copy
         return _bin_state(info.file)[info.name]
@@ -313,12 +314,23 @@ def tensor_view(info: TensorInfo, *, mapping: mmap.mmap | None = None) -> torch.
     return flat.view(info.shape)
 
 
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
 def private_map(file: Path) -> mmap.mmap:
     """A new copy-on-write map of the whole file, for one load's views (never shared, so a
-    write through one loaded model is never seen by another). Private writable maps count
-    towards the kernel's commit charge; the disk tier, which may exceed RAM, uses the
-    shared read-only one."""
-    return _map(file, mmap.ACCESS_COPY)
+    write through one loaded model is never seen by another, and never reaches the file).
+
+    Reads come from the page cache; a write copies that page into the process (RWKV
+    rescales two weights per layer in place at its first forward). MAP_NORESERVE: the
+    kernel reserves nothing up front for pages that may never be written, so a disk tier
+    larger than RAM maps like a read-only one (under strict overcommit, mode 2, it counts).
+    """
+    with open(file, "rb") as f:  # the map stays valid after the file is closed
+        if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: copy-on-write by access mode
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flags = mmap.MAP_PRIVATE | _MAP_NORESERVE
+        return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

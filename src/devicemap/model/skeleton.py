@@ -335,9 +335,9 @@ def order_parts(
     found = trace(build, lambda scratch: find_parts(scratch, units), config)
     if found is None:
         return parts, "registration", None
-    first = {name: i for i, name in enumerate(found.calls)}
+    first: dict[str, float] = {name: i for i, name in enumerate(found.calls)}
     for loose, anchor in found.anchors.items():
-        first[loose] = first.get(anchor, len(first))
+        first[loose] = first.get(anchor, len(found.calls)) + 0.5  # right after its block
     ranked = sorted(enumerate(parts), key=lambda ip: (first.get(ip[1].name, len(first)), ip[0]))
     return [p for _, p in ranked], "forward", found
 
