@@ -118,5 +118,9 @@ class BadOption(DevicemapError, ValueError):
         self.options = options  # the names of all the bad options
 
 
+class BadImage(DevicemapError, ValueError):
+    """An image file that is missing or does not decode; names the file."""
+
+
 class ContextTooLong(PlanError, ValueError):
     """A prompt (plus the tokens to generate) longer than the context the plan reserved."""

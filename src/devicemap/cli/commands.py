@@ -22,17 +22,26 @@ from rich.console import Console
 from rich.table import Table
 
 from ..devices import parse_device
-from ..errors import BadOption, DevicemapError, ModelNotFound
+from ..errors import BadImage, BadOption, DevicemapError, ModelNotFound
 from ..load.loader import load
 from ..model.checkpoint import ModelSource, resolve_model
+from ..model.config import refuse_untrusted_code
 from ..model.skeleton import Skeleton, build_skeleton
 from ..plan.planner import Plan
 from ..run.dispatch import release
-from ..run.generate import Chat, Reply, ReplyStream, Sampling, build_prompt, check_context
+from ..run.generate import (
+    Chat,
+    Reply,
+    ReplyStream,
+    Sampling,
+    build_image_prompt,
+    build_prompt,
+    check_context,
+)
 from ..run.generate import stream_reply as start_reply
 from .measure import MEASURES, BenchOptions, BenchResult, bench
 from .options import (
-    PLANNING,
+    REPLANNING,
     ModelArg,
     PlanChoices,
     model_argument,
@@ -80,6 +89,15 @@ RawOpt = Annotated[
     bool, typer.Option("--raw", help="Feed the prompt as is, without the chat template.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")]
+ImageOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--image",
+        "-i",
+        help="An image file to ask about (repeatable), for vision-language models whose"
+        " processor takes images.",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -147,10 +165,13 @@ class Session:
             self.model = None
 
 
-def open_model(model: str | None) -> tuple[ModelSource, Any]:
-    """MODEL resolved on this machine (ModelNotFound if it is not here) and its tokenizer."""
+def open_model(model: str | None, planning: PlanChoices) -> tuple[ModelSource, Any]:
+    """MODEL resolved on this machine (ModelNotFound if it is not here) and its tokenizer;
+    RemoteCodeNotTrusted first if it needs its own code and --trust-remote-code is not given."""
     source = resolve_model(model_argument(model))
-    return source, load_tokenizer(source)
+    if not planning.trust_remote_code:
+        refuse_untrusted_code(source)
+    return source, load_tokenizer(source, trust_remote_code=planning.trust_remote_code)
 
 
 @contextmanager
@@ -161,14 +182,16 @@ def session(
     tokenizer: Any,
     *,
     context: int | None = None,
+    images: int | None = None,
 ) -> Iterator[Session]:
-    """Plan (or read --plan) and yield the Session; `context` replaces the default context.
+    """Plan (or read --plan) and yield the Session; `context` and `images` replace the
+    defaults (when --context / --images are not given).
 
     The caller loads the model with `s.load()`; it is released when the block ends.
     """
     start = time.perf_counter()
     with stderr.status(f"planning {source.name}"):
-        skeleton, chosen = plan_for(ctx, planning, source, context=context)
+        skeleton, chosen = plan_for(ctx, planning, source, context=context, images=images)
     s = Session(source, tokenizer, skeleton, chosen, time.perf_counter() - start)
     verb = "read plan" if ctx.params.get("plan_file") else "planned"
     stderr.print(
@@ -181,20 +204,29 @@ def session(
 
 
 def plan_for(
-    ctx: typer.Context, planning: PlanChoices, source: ModelSource, *, context: int | None
+    ctx: typer.Context,
+    planning: PlanChoices,
+    source: ModelSource,
+    *,
+    context: int | None,
+    images: int | None = None,
 ) -> tuple[Skeleton, Plan]:
     """The skeleton and the plan: the saved --plan (checked against the model) or a new one."""
     if ctx.params.get("plan_file") is not None:
-        return saved_plan(ctx, source, ctx.params["plan_file"])
-    skeleton = build_skeleton(source, dtype=planning.dtype)
+        return saved_plan(ctx, source, ctx.params["plan_file"], planning.trust_remote_code)
+    trust = planning.trust_remote_code
+    skeleton = build_skeleton(source, dtype=planning.dtype, trust_remote_code=trust)
     if context is not None and skeleton.max_positions is not None:
         context = min(context, skeleton.max_positions)  # check_context then says what is too long
-    return skeleton, planning.make_plan(skeleton, context=context)  # the user's --context wins
+    # the user's --context and --images win
+    return skeleton, planning.make_plan(skeleton, context=context, images=images)
 
 
-def saved_plan(ctx: typer.Context, source: ModelSource, path: str) -> tuple[Skeleton, Plan]:
+def saved_plan(
+    ctx: typer.Context, source: ModelSource, path: str, trust_remote_code: bool
+) -> tuple[Skeleton, Plan]:
     """The plan in `path`, refused when planning options are also given or its model differs."""
-    given = [name for name in PLANNING if _typed(ctx, name)]
+    given = [name for name in REPLANNING if _typed(ctx, name)]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise BadOption(
@@ -203,7 +235,7 @@ def saved_plan(ctx: typer.Context, source: ModelSource, path: str) -> tuple[Skel
             options=tuple(given),
         )
     saved = Plan.load(path)
-    skeleton = build_skeleton(source, dtype=saved.dtype)
+    skeleton = build_skeleton(source, dtype=saved.dtype, trust_remote_code=trust_remote_code)
     saved.check(skeleton)  # PlanMismatch: the plan belongs to another model or dtype
     return skeleton, saved
 
@@ -213,12 +245,14 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     return getattr(ctx.get_parameter_source(name), "name", None) in _GIVEN
 
 
-def load_tokenizer(source: ModelSource) -> Any:
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved next to the model's config, read offline."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.root, local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            source.root, local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except Exception as error:  # transformers raises OSError, ValueError, TypeError ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFound(
@@ -226,6 +260,54 @@ def load_tokenizer(source: ModelSource) -> Any:
             " tokenizer files (tokenizer.json and tokenizer_config.json) next to its"
             " config.json: copy them from where the model came from"
         ) from None
+
+
+def load_processor(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
+    """The processor (tokenizer + image processor) saved next to the model, read offline."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(
+            source.root, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as error:  # OSError, ValueError, KeyError ...
+        processor, reason = None, _first_line(error)
+    else:
+        reason = "its processor is a tokenizer only"
+    if processor is None or getattr(processor, "image_processor", None) is None:
+        raise BadOption(
+            f"--image needs a vision-language model whose processor takes images, and"
+            f" {source.name} has none ({reason}): its preprocessor_config.json (and, for a"
+            " custom model, its processing code with --trust-remote-code) must be beside it",
+            options=("image",),
+        )
+    return processor
+
+
+def open_images(paths: list[str]) -> list[Any]:
+    """Each file decoded to an RGB image (PIL); BadImage names a file that does not decode."""
+    if not paths:
+        return []
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as picture:
+                images.append(picture.convert("RGB"))  # decoded now, the file closed
+        except FileNotFoundError:
+            raise BadImage(f"--image {path}: no such file") from None
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise BadImage(
+                f"--image {path}: not an image this machine can decode ({_first_line(error)});"
+                " give a PNG, JPEG, WebP, GIF or BMP file"
+            ) from None
+    return images
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def placement_line(chosen: Plan) -> str:
@@ -271,17 +353,26 @@ def run_command(
     system: SystemOpt = None,
     raw: RawOpt = False,
     sampling_choices: SamplingChoices,
+    image: ImageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer one prompt, streaming the reply as it is generated (greedy by default)."""
     with command_errors():
         sampling = sampling_choices.sampling()
         text = sys.stdin.read() if prompt == "-" else prompt
-        source, tokenizer = open_model(model)
+        pictures = open_images(image or [])
+        source, tokenizer = open_model(model, planning)
         messages = [{"role": "system", "content": system}] if system else []
-        ids = build_prompt(tokenizer, [*messages, {"role": "user", "content": text}], raw=raw)
+        messages.append({"role": "user", "content": text})
+        inputs: dict[str, Any] = {}
+        if pictures:
+            processor = load_processor(source, trust_remote_code=planning.trust_remote_code)
+            ids, inputs = build_image_prompt(processor, messages, pictures)
+        else:
+            ids = build_prompt(tokenizer, messages, raw=raw)
         needed = int(ids.shape[-1]) + sampling.max_new_tokens  # tokens: plan for what runs
-        with session(ctx, planning, source, tokenizer, context=needed) as s:
+        images = len(pictures) if pictures else None
+        with session(ctx, planning, source, tokenizer, context=needed, images=images) as s:
             check_context(
                 int(ids.shape[-1]),
                 sampling.max_new_tokens,
@@ -289,7 +380,7 @@ def run_command(
                 limit=s.skeleton.max_positions,
             )
             s.load()
-            reply = reply_to(s, ids, sampling, show=not as_json)
+            reply = reply_to(s, ids, sampling, show=not as_json, inputs=inputs)
     if as_json:
         typer.echo(json.dumps(reply_json(s, reply, prompt=text), indent=2))
     else:
@@ -298,9 +389,16 @@ def run_command(
         raise typer.Exit(INTERRUPTED)
 
 
-def reply_to(s: Session, ids: torch.Tensor, sampling: Sampling, *, show: bool) -> Reply:
+def reply_to(
+    s: Session,
+    ids: torch.Tensor,
+    sampling: Sampling,
+    *,
+    show: bool,
+    inputs: dict[str, Any] | None = None,
+) -> Reply:
     """Generate a reply; with `show`, write each piece to stdout as it arrives."""
-    with start_reply(s.model, s.tokenizer, ids, sampling) as stream:
+    with start_reply(s.model, s.tokenizer, ids, sampling, inputs=inputs) as stream:
         if not show:
             return stream.reply
         if not echo_stream(stream):
@@ -371,7 +469,7 @@ def chat_command(
     """
     with command_errors():
         sampling = sampling_choices.sampling()
-        with session(ctx, planning, *open_model(model)) as s:
+        with session(ctx, planning, *open_model(model, planning)) as s:
             s.load()
             chat = Chat(
                 s.model,
@@ -452,7 +550,7 @@ def bench_command(
     """
     with command_errors():
         options = BenchOptions(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
-        with session(ctx, planning, *open_model(model), context=options.context) as s:
+        with session(ctx, planning, *open_model(model, planning), context=options.context) as s:
             check_context(
                 prompt_tokens, new_tokens, s.plan.options.context, limit=s.skeleton.max_positions
             )

@@ -68,6 +68,22 @@ LogitsOpt = Annotated[
     str,
     typer.Option("--logits", help="Logits kept per prefill: last (generate) or all (forward)."),
 ]
+ImagesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--images",
+        help="Images per prompt the vision tower's workspace is planned for."
+        " Default: 1 for a vision-language model (run: the --image files given), else 0.",
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run the model's own code (auto_map: its modeling_*.py, tokenizer, processor)."
+        " Only for models whose code you trust.",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -87,9 +103,14 @@ class PlanChoices:
     pin: PinOpt = None
     offload_exec: OffloadExecOpt = "gpu"
     logits: LogitsOpt = "last"
+    images: ImagesOpt = None
+    trust_remote_code: TrustOpt = False
 
-    def make_plan(self, model: str | Skeleton, *, context: int | None = None) -> Plan:
-        """plan() with these options parsed; `context` is used when --context was not given."""
+    def make_plan(
+        self, model: str | Skeleton, *, context: int | None = None, images: int | None = None
+    ) -> Plan:
+        """plan() with these options parsed; `context` and `images` are used when --context
+        and --images were not given."""
         return plan(
             model,
             max_memory=parse_max_memory(self.max_memory),
@@ -101,11 +122,15 @@ class PlanChoices:
             pins=parse_pin_options(self.pin),
             offload_exec=cast(OffloadExec, self.offload_exec),
             logits=cast(Logits, self.logits),
+            trust_remote_code=self.trust_remote_code,
+            images=images if self.images is None else self.images,
         )
 
 
-# the planning options' parameter names; a saved plan (`run --plan`) replaces all of them
+# the planning options' parameter names
 PLANNING = tuple(f.name for f in fields(PlanChoices))
+# those a saved plan (`run --plan`) replaces: building the model may still need its own code
+REPLANNING = tuple(name for name in PLANNING if name != "trust_remote_code")
 
 Command = Callable[..., None]
 

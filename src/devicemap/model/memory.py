@@ -8,7 +8,10 @@ vocabulary. The planner multiplies these rates by context, prefill and batch.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,3 +178,78 @@ def mlp_width(cfg: Any) -> int:
     expert = attr_int(cfg, "moe_intermediate_size") or dense
     shared = attr_int(cfg, "shared_expert_intermediate_size") or 0
     return int(top_k * expert + shared)
+
+
+# --- vision towers and audio encoders: tokens per image / clip, from their configs -------
+
+
+def image_tokens(vision: Any, top: Any, *, side: int = 0) -> int | None:
+    """Patches a vision tower processes for one image (every crop or tile of it); 0 for a
+    config that is no vision tower; None for one that does not say its image size (dynamic
+    resolution: Qwen2-VL) unless `side` (pixels, from the processor's config) does."""
+    patch = _side(attr_any(vision, "patch_size"))
+    if not patch:
+        return 0
+    size = _side(attr_any(vision, "image_size")) or side
+    if not size:
+        return None
+    return ((size // patch) ** 2 + 1) * crops(vision, top)  # + a class token
+
+
+def crops(vision: Any, top: Any) -> int:
+    """Crops one image becomes, where the config says: MiniCPM-V's slices (+ the whole image),
+    LLaVA-NeXT's largest grid (+ the base image), Mllama's tiles; else 1."""
+    if attr_any(top, "slice_mode") and (slices := attr_int(top, "max_slice_nums")):
+        return slices + 1
+    grid = attr_any(top, "image_grid_pinpoints")
+    size = _side(attr_any(vision, "image_size"))
+    if isinstance(grid, (list, tuple)) and grid and size:
+        cells = [int(h) * int(w) for h, w in grid if isinstance(h, int) and isinstance(w, int)]
+        return max(cells, default=0) // (size * size) + 1
+    return attr_int(vision, "max_num_tiles") or 1
+
+
+def audio_tokens(cfg: Any) -> int:
+    """Frames an audio encoder processes for one clip (Whisper's 1500); 0 if not one."""
+    if attr_int(cfg, "num_mel_bins") or "audio" in str(attr_any(cfg, "model_type")):
+        return attr_int(cfg, "max_source_positions") or 0
+    return 0
+
+
+def attr_any(cfg: Any, key: str) -> Any:
+    try:
+        return getattr(cfg, key, None)
+    except Exception:  # a per-layer attribute (Gemma 4)
+        return None
+
+
+def _side(value: Any) -> int:
+    """An image or patch side: 336, or (448, 448) -> 448; 0 when not given."""
+    if isinstance(value, (list, tuple)) and value:
+        value = max(v for v in value if isinstance(v, int))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def largest_image_side(root: Path | None) -> int:
+    """The largest image side a model's processor lets through (preprocessor_config.json:
+    `max_pixels`, `size`), in pixels; 0 when it does not say."""
+    if root is None:
+        return 0
+    try:
+        data = json.loads((root / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(data, dict):
+        return 0
+    if isinstance(data.get("max_pixels"), int):
+        return math.isqrt(data["max_pixels"])
+    size = data.get("size")
+    if isinstance(size, dict):
+        sides = [v for k, v in size.items() if k in _SIDES and isinstance(v, int)]
+        if "max_pixels" in size and isinstance(size["max_pixels"], int):
+            sides.append(math.isqrt(size["max_pixels"]))
+        return max(sides, default=0)
+    return size if isinstance(size, int) else 0
+
+
+_SIDES = ("longest_edge", "height", "width", "shortest_edge")

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Callable, Container, Hashable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -30,7 +31,15 @@ from .config import (
     parse_dtype,
 )
 from .init import initialize, runtime_buffers, with_owner
-from .memory import act_bytes_per_token, block_kv, kv_layers, logits_bytes_per_token
+from .memory import (
+    act_bytes_per_token,
+    audio_tokens,
+    block_kv,
+    image_tokens,
+    kv_layers,
+    largest_image_side,
+    logits_bytes_per_token,
+)
 from .trace import Part, Trace, trace
 
 H = TypeVar("H", bound=Hashable)
@@ -51,6 +60,10 @@ class Block:
     # BART's final_logits_bias): the block it goes with, kept on that block's execution device
     anchor: str | None = None
     state_bytes: int = 0  # recurrent state per sequence, whatever the context (Mamba, RWKV)
+    # tokens it processes per image (a vision tower's patches, every crop) or per audio clip
+    # (an audio encoder's frames): its workspace is counted at these, not at the prompt
+    image_tokens: int = 0  # -1: a vision tower that does not say its image size
+    audio_tokens: int = 0
 
     @property
     def loose(self) -> bool:
@@ -91,7 +104,7 @@ def build_skeleton(
     scratch = lambda: build_on_meta(cls, copy.deepcopy(config), plan_dtype)  # noqa: E731
     parts, order, found = order_parts(parts, scratch, units, config)
     materialize_buffers(module)
-    blocks = make_blocks(module, parts, config, plan_dtype, found)
+    blocks = make_blocks(module, parts, config, plan_dtype, found, source.root)
     return Skeleton(
         model=module,
         config=config,
@@ -229,6 +242,7 @@ def make_blocks(
     config: Any,
     dtype: torch.dtype,
     found: Trace | None = None,
+    root: Path | None = None,
 ) -> tuple[Block, ...]:
     """Blocks in `parts` order: state_dict keys, bytes (each tensor once), memory per token;
     loose tensors with the block each goes with. The cache each block keeps is what the
@@ -239,6 +253,7 @@ def make_blocks(
     seen: set[int] = set()  # ids of tensors already counted (ties count once)
     owners = _config_owners(module)
     kv = kv_layers(config, dtype)
+    images = _image_tokens(owners, config, root)
     blocks = []
     for part in parts:
         cfg = owners.get(id(part.module), config)
@@ -255,9 +270,29 @@ def make_blocks(
                 act_bytes_per_token=act_bytes_per_token(cfg, dtype, layer=part.no_split),
                 anchor=anchors[part.name] if part.tensor is not None else None,
                 state_bytes=use.state if use is not None else 0,
+                image_tokens=images.get(id(cfg), 0) if part.no_split else 0,
+                audio_tokens=audio_tokens(cfg) if part.no_split and cfg is not config else 0,
             )
         )
     return tuple(blocks)
+
+
+def _image_tokens(owners: dict[int, Any], config: Any, root: Path | None) -> dict[int, int]:
+    """id(vision config) -> patches per image; -1 for a vision tower whose config does not
+    say how large its images are (dynamic resolution) and whose processor config does not
+    either: the planner then needs --images 0, or an image_size."""
+    sized: dict[int, int] = {}
+    for cfg in {id(c): c for c in owners.values()}.values():
+        if cfg is config:
+            continue
+        tokens = image_tokens(cfg, config)
+        if tokens is None:
+            side = largest_image_side(root)
+            patch = image_tokens(cfg, config, side=side) if side else None
+            tokens = -1 if patch is None else patch
+        if tokens:
+            sized[id(cfg)] = tokens
+    return sized
 
 
 def _nearest_anchors(parts: list[Part]) -> dict[str, str]:

@@ -23,6 +23,7 @@ class PlanOptions:
     pins: Mapping[str, Device] = field(default_factory=dict)  # module prefix -> device
     offload_exec: OffloadExec = "gpu"  # where cpu/disk-stored blocks run: first GPU, or CPU
     logits: Logits = "last"  # logits kept per prefill: the last token's (generate) or all
+    images: int = 0  # images per prompt a vision tower's workspace is planned for
 
     def logits_tokens(self, context: int | None = None) -> int:
         """Tokens per sequence whose logits exist at once."""

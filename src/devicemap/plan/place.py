@@ -6,7 +6,8 @@ O(blocks x devices) per pass, a constant number of passes. Cost model, per devic
     kv_cache  sum over attention blocks *executing* there of
               kv_bytes_per_token x min(context, window) x batch, plus the recurrent
               state of Mamba / RWKV / linear-attention blocks x batch (constant in context)
-    workspace largest act_bytes_per_token executing there x prefill x batch
+    workspace largest act_bytes_per_token executing there x prefill x batch, or a vision
+              tower's / audio encoder's over its patches x images (or frames) x batch
     logits    logits_bytes_per_token x batch x (1 token, or every prefill token with
               logits="all") on the LM head's execution device. generate() passes
               logits_to_keep=1, so the prefill computes the last token's logits only;
@@ -114,7 +115,8 @@ class _Unit:
     weights: int  # bytes stored on the unit's device
     resident: int  # bytes of its loose tensors, kept on its execution device
     kv: int  # bytes at context x batch
-    act: int  # largest act_bytes_per_token
+    act: int  # largest act_bytes_per_token of its text blocks
+    media: int  # bytes: workspace of its vision / audio blocks for the planned images x batch
     stage: int  # largest block, bytes (the staging buffer it needs when streamed)
     logits: int  # bytes, when the output block is in it
 
@@ -140,12 +142,25 @@ def _unit(skeleton: Skeleton, members: list[int], options: PlanOptions) -> _Unit
         weights=sum(b.nbytes for b in blocks if not b.loose),
         resident=sum(b.nbytes for b in blocks if b.loose),
         kv=sum(kv_bytes(b, options.context, options.batch) for b in blocks),
-        act=max(b.act_bytes_per_token for b in blocks),
+        act=max((b.act_bytes_per_token for b in blocks if not is_media(b)), default=0),
+        media=max((media_bytes(b, options) for b in blocks), default=0),
         stage=max((b.nbytes for b in blocks if not b.loose), default=0),
         logits=skeleton.logits_bytes_per_token * options.logits_tokens() * options.batch
         if output
         else 0,
     )
+
+
+def is_media(block: Block) -> bool:
+    """A block of a vision tower or audio encoder: it works on image patches / audio frames."""
+    return block.image_tokens != 0 or block.audio_tokens > 0
+
+
+def media_bytes(block: Block, options: PlanOptions) -> int:
+    """Workspace of a vision / audio block: its activations over every patch of the planned
+    images (all crops) or every frame of one audio clip, per sequence x batch."""
+    tokens = max(block.image_tokens, 0) * options.images + block.audio_tokens
+    return block.act_bytes_per_token * tokens * options.batch
 
 
 def kv_bytes(block: Block, context: int, batch: int) -> int:
@@ -163,27 +178,33 @@ class _Load:
     weights: int = 0
     kv: int = 0
     act: int = 0  # bytes per token per sequence, largest executing here
+    media: int = 0  # bytes, largest vision / audio workspace executing here
     stage: int = 0  # largest block streamed in to execute here
     logits: int = 0
 
+    def workspace(self, tokens: int) -> int:
+        """Text and image/audio blocks never run at once: the larger of the two."""
+        return max(self.act * tokens, self.media)
+
     def total(self, tokens: int) -> int:
         """Bytes, with `tokens` = prefill x batch."""
-        return self.weights + self.kv + self.act * tokens + self.logits + 2 * self.stage
+        return self.weights + self.kv + self.workspace(tokens) + self.logits + 2 * self.stage
 
     def run(self, unit: _Unit, *, streamed: bool) -> None:
         """Charge the runtime memory of `unit` executing here (its loose tensors too)."""
         self.weights += unit.resident
         self.kv += unit.kv
         self.act = max(self.act, unit.act)
+        self.media = max(self.media, unit.media)
         self.logits += unit.logits
         if streamed:
             self.stage = max(self.stage, unit.stage)
 
     def with_unit(self, unit: _Unit, tokens: int) -> int:
         """total() if `unit` were stored and executed here."""
-        act = max(self.act, unit.act) * tokens
+        workspace = max(max(self.act, unit.act) * tokens, self.media, unit.media)
         own = unit.weights + unit.resident + unit.kv + unit.logits
-        return self.total(tokens) - self.act * tokens + own + act
+        return self.total(tokens) - self.workspace(tokens) + own + workspace
 
 
 @dataclass(frozen=True)
@@ -290,6 +311,8 @@ def _fill(lay: Layout, assumed: int, targets: Sequence[float]) -> Fill:
     reserve = lay.suffix[assumed]
     host.kv, host.logits = host.kv + reserve.kv, host.logits + reserve.logits
     host.act, host.stage = max(host.act, reserve.act), max(host.stage, reserve.stage)
+    host.media = max(host.media, reserve.media)
+    host.weights += reserve.weights  # the loose tensors of units assumed remote
     fill = Fill(where=[], moves=[], loads=loads)
     di, gpu_weight = 0, 0
     for pos, index in enumerate(lay.free):

@@ -24,9 +24,9 @@ import torch
 from ..devices import CPU, Device, DeviceLike, SizeLike, format_size, parse_device
 from ..errors import DevicemapError, PinError, PlanError, PlanMismatch
 from ..model.config import dtype_name
-from ..model.skeleton import Skeleton, build_skeleton
+from ..model.skeleton import Block, Skeleton, build_skeleton
 from .options import Logits, OffloadExec, PlanOptions, Strategy
-from .place import Layout, Placement, list_names, pin_covers, place
+from .place import Layout, Placement, is_media, list_names, media_bytes, pin_covers, place
 from .shortfall import does_not_fit, largest
 
 PLAN_FORMAT = 1  # bump when the JSON layout changes
@@ -189,6 +189,7 @@ def _options_to_json(options: PlanOptions) -> dict[str, Any]:
         "pins": {prefix: str(device) for prefix, device in options.pins.items()},
         "offload_exec": options.offload_exec,
         "logits": options.logits,
+        "images": options.images,
     }
 
 
@@ -201,6 +202,7 @@ def _options_from_json(data: dict[str, Any]) -> PlanOptions:
         pins={prefix: parse_device(dev) for prefix, dev in data["pins"].items()},
         offload_exec=data["offload_exec"],
         logits=data["logits"],
+        images=int(data.get("images", 0)),  # plans saved before images were planned: none
     )
 
 
@@ -234,8 +236,12 @@ def plan(
     no_split: tuple[str, ...] = (),
     trust_remote_code: bool = False,
     logits: Logits = "last",
+    images: int | None = None,
 ) -> Plan:
-    """Plan where every part of `model` goes (a path, config.json, hub id or Skeleton)."""
+    """Plan where every part of `model` goes (a path, config.json, hub id or Skeleton).
+
+    `images`: images per prompt the vision tower's workspace is planned for (default: 1 for
+    a model with a vision tower that says its image size, else 0)."""
     from ..devices import resolve_budgets  # the only part that may look at this machine
 
     skeleton = _skeleton_of(model, dtype, no_split, trust_remote_code)
@@ -247,8 +253,15 @@ def plan(
         pins=parse_pins(pins or {}),
         offload_exec=offload_exec,
         logits=logits,
+        images=default_images(skeleton) if images is None else images,
     )
     return make_plan(skeleton, budgets, options)
+
+
+def default_images(skeleton: Skeleton) -> int:
+    """1 image per prompt for a model with a sized vision tower, else 0."""
+    sizes = {b.image_tokens for b in skeleton.blocks if b.image_tokens}
+    return 1 if sizes and -1 not in sizes else 0
 
 
 def default_context(skeleton: Skeleton) -> int:
@@ -297,6 +310,16 @@ def _check_options(skeleton: Skeleton, budgets: Mapping[Device, int], options: P
         for name, value in (("context", options.context), ("batch", options.batch))
         if not isinstance(value, int) or value < 1
     ]
+    if not isinstance(options.images, int) or options.images < 0:
+        problems.append(f"images must be 0 or more per prompt, not {options.images!r}")
+    unsized = [b.name for b in skeleton.blocks if b.image_tokens < 0]
+    if unsized and isinstance(options.images, int) and options.images > 0:
+        problems.append(
+            f"the vision tower ({list_names(unsized)}) does not say how large its images are:"
+            " its config has no image_size and no preprocessor_config.json gives max_pixels or"
+            " size, so its workspace for an image cannot be counted. Add image_size to the"
+            " vision config, or plan with images=0 (--images 0) and leave room yourself"
+        )
     if options.prefill is not None and options.prefill < 1:
         problems.append(f"prefill must be a positive number of tokens, not {options.prefill!r}")
     if options.strategy not in get_args(Strategy):
@@ -361,6 +384,7 @@ class _Tally:
     kv_layers: int = 0
     state: int = 0  # recurrent state bytes per sequence, whatever the context
     act: int = 0  # largest act bytes per token per sequence
+    media: int = 0  # largest vision / audio workspace, bytes (images and batch counted)
     logits: int = 0  # logits bytes per token per sequence
     stage: int = 0  # largest block streamed in
 
@@ -372,7 +396,7 @@ class _Tally:
             budget=budget,
             weights=self.weights,
             kv_cache=(self.kv_full * context + windowed + self.state) * opts.batch,
-            workspace=self.act * tokens,
+            workspace=max(self.act * tokens, self.media),
             logits=self.logits * opts.logits_tokens(context) * opts.batch,
             staging=2 * self.stage,
         )
@@ -392,7 +416,10 @@ def _tallies(lay: Layout, stored: list[Device]) -> dict[Device, _Tally]:
             tally.kv_windowed[block.kv_window] = rate
         tally.kv_layers += block.kv_bytes_per_token > 0 or block.state_bytes > 0
         tally.state += block.state_bytes
-        tally.act = max(tally.act, block.act_bytes_per_token)
+        if is_media(block):
+            tally.media = max(tally.media, media_bytes(block, lay.options))
+        else:
+            tally.act = max(tally.act, block.act_bytes_per_token)
         tally.logits += lay.skeleton.logits_bytes_per_token if block.name == output else 0
         if where != device and where.is_gpu:
             tally.stage = max(tally.stage, block.nbytes)
@@ -435,6 +462,7 @@ def _reasons(
                 f"{name} ({format_size(unit.weights)}) did not fit in what {device} had left"
                 " after the blocks before it and its runtime reserves: moved on"
             )
+    lines += _media_lines(lay, stored)
     lines += _remote_lines(lay, stored)
     lines += _pin_lines(lay, stored)
     for unit in lay.units:
@@ -449,6 +477,38 @@ def _reasons(
                 f" {block.anchor}: kept on {device}, where {block.anchor} runs"
             )
     return tuple(lines)
+
+
+def _media_lines(lay: Layout, stored: list[Device]) -> list[str]:
+    """How the vision tower's / audio encoder's workspace was counted."""
+    opts, lines = lay.options, []
+    pairs = list(zip(lay.skeleton.blocks, stored, strict=True))
+    vision = [(b, d) for b, d in pairs if b.image_tokens]
+    audio = [(b, d) for b, d in pairs if b.audio_tokens]
+    if vision and any(b.image_tokens < 0 for b, _ in vision):
+        names = list_names([b.name for b, _ in vision])
+        lines.append(f"vision tower {names}: image size unknown, no workspace counted for images")
+    elif vision:
+        block, device = max(vision, key=lambda bd: media_bytes(bd[0], opts))
+        what = f"{block.image_tokens} patches per image x {opts.images}"
+        lines.append(_media_line("vision tower", vision, block, device, lay, what))
+    if audio:
+        block, device = max(audio, key=lambda bd: media_bytes(bd[0], opts))
+        what = f"{block.audio_tokens} frames per clip"
+        lines.append(_media_line("audio encoder", audio, block, device, lay, what))
+    return lines
+
+
+def _media_line(
+    kind: str, blocks: list[tuple[Block, Device]], widest: Block, device: Device, lay: Layout,
+    what: str,
+) -> str:  # fmt: skip
+    names = list_names([b.name for b, _ in blocks])
+    return (
+        f"{kind} {names}: workspace {format_size(media_bytes(widest, lay.options))} on"
+        f" {lay.exec_device(device)} ({what} x batch {lay.options.batch}, at"
+        f" {format_size(widest.act_bytes_per_token)} per token)"
+    )
 
 
 def _device_line(lay: Layout, usage: DeviceUsage, stored: list[Device], kv_layers: int) -> str:

@@ -18,7 +18,7 @@ from ..errors import DoesNotFit
 from ..model.config import dtype_name
 from ..model.skeleton import Skeleton
 from .options import PlanOptions
-from .place import Fill, Layout, Placement, kv_bytes, list_names, place
+from .place import Fill, Layout, Placement, is_media, kv_bytes, list_names, media_bytes, place
 
 _GIB = 2**30
 
@@ -29,7 +29,9 @@ def does_not_fit(placed: Placement) -> DoesNotFit:
     sk, opts = lay.skeleton, lay.options
     weights = sum(b.nbytes for b in sk.blocks)
     kv = sum(kv_bytes(b, opts.context, opts.batch) for b in sk.blocks)
-    workspace = max((b.act_bytes_per_token for b in sk.blocks), default=0) * lay.tokens
+    text = max((b.act_bytes_per_token for b in sk.blocks if not is_media(b)), default=0)
+    media = max((media_bytes(b, opts) for b in sk.blocks), default=0)
+    workspace = max(text * lay.tokens, media)
     logits = sk.logits_bytes_per_token * opts.logits_tokens() * opts.batch if sk.output_block else 0
     need, have = weights + kv + workspace + logits, sum(lay.budgets.values())
     budgets = ", ".join(f"{d} {format_size(b)}" for d, b in lay.budgets.items())

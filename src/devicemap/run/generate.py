@@ -135,6 +135,47 @@ def build_prompt(
     return ids  # type: ignore[no-any-return]
 
 
+def build_image_prompt(
+    processor: Any, messages: Sequence[Message], images: Sequence[Any]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Token ids [1, T] and the other model inputs (pixel_values, ...) for a chat whose last
+    user turn shows `images`: the processor's chat template puts one image entry per image
+    before the text, and the processor expands each into the model's image tokens."""
+    turns: list[dict[str, Any]] = [dict(m) for m in messages]
+    last = turns[-1]
+    last["content"] = [
+        *({"type": "image"} for _ in images),
+        {"type": "text", "text": last["content"]},
+    ]
+    for turn in turns[:-1]:
+        turn["content"] = [{"type": "text", "text": turn["content"]}]
+    marker = getattr(processor, "image_token", None)
+    tokenizer: Any = getattr(processor, "tokenizer", None)
+    if getattr(processor, "chat_template", None):
+        text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    elif isinstance(marker, str) and getattr(tokenizer, "chat_template", None):
+        # no template of its own: the tokenizer's, the processor's image marker per image
+        plain = [dict(m) for m in messages]
+        plain[-1]["content"] = "".join(f"{marker}\n" for _ in images) + plain[-1]["content"]
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    else:
+        raise BadOption(
+            "the model's processor has neither a chat template nor an image token, so devicemap"
+            " cannot tell where the image goes in the prompt",
+            options=("image",),
+        )
+    try:  # the template wrote the special tokens already
+        batch = processor(
+            text=text, images=list(images), return_tensors="pt", add_special_tokens=False
+        )
+    except TypeError:  # a processor that takes no tokenizer options
+        batch = processor(text=text, images=list(images), return_tensors="pt")
+    data = dict(batch)
+    ids = data.pop("input_ids")
+    data.pop("attention_mask", None)
+    return ids, data
+
+
 # --- streaming ---------------------------------------------------------------
 
 
@@ -199,7 +240,14 @@ class ReplyStream(Iterator[str]):
     while it waits for the next piece stops generation too.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, input_ids: torch.Tensor, sampling: Sampling):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        input_ids: torch.Tensor,
+        sampling: Sampling,
+        inputs: Mapping[str, Any] | None = None,
+    ):
         self._tokenizer = tokenizer
         self._sampling = sampling
         self._eos = _eos_ids(model, tokenizer)
@@ -214,6 +262,8 @@ class ReplyStream(Iterator[str]):
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # the worker draws from the global generator
         kwargs = _generate_kwargs(model, input_ids, sampling, self._streamer, self._stop)
+        device = kwargs["input_ids"].device
+        kwargs.update({k: _to(v, device) for k, v in (inputs or {}).items() if v is not None})
         self._start = time.perf_counter()
         self._worker = threading.Thread(
             target=_run_generate, args=(model, kwargs, self._streamer.queue), daemon=True
@@ -334,10 +384,25 @@ class ReplyStream(Iterator[str]):
 
 
 def stream_reply(
-    model: Any, tokenizer: Any, input_ids: torch.Tensor, sampling: Sampling | None = None
+    model: Any,
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    sampling: Sampling | None = None,
+    *,
+    inputs: Mapping[str, Any] | None = None,
 ) -> ReplyStream:
-    """Start generating a reply to `input_ids` [1, T]; iterate the result for text pieces."""
-    return ReplyStream(model, tokenizer, input_ids, sampling or Sampling())
+    """Start generating a reply to `input_ids` [1, T]; iterate the result for text pieces.
+    `inputs`: more model inputs a processor made (pixel_values, image_sizes, ...)."""
+    return ReplyStream(model, tokenizer, input_ids, sampling or Sampling(), inputs)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors (also in lists) on `device`, so the model's entry hook finds them there."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
 
 
 def _run_generate(model: Any, kwargs: dict[str, Any], out: queue.Queue[Any]) -> None:
@@ -365,7 +430,7 @@ def _generate_kwargs(
     )
     if not s.greedy:  # greedy leaves them unset: do_sample=False ignores the model's defaults
         kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-    config = model.generation_config
+    config = _generation_config(model)
     if config.pad_token_id is None and config.eos_token_id is not None:
         eos = config.eos_token_id
         kwargs["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
@@ -378,8 +443,17 @@ def _input_device(model: Any) -> torch.device:
     return torch.device("cpu") if weight.device.type == "meta" else weight.device  # type: ignore[no-any-return]
 
 
+def _generation_config(model: Any) -> Any:
+    """The model's generation config; a custom model's own generate may keep none (then
+    its language model's, or the defaults)."""
+    from transformers import GenerationConfig
+
+    config = getattr(model, "generation_config", None)
+    return config if config is not None else GenerationConfig()
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
+    eos = _generation_config(model).eos_token_id
     ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
