@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one device call (see NOTES below):
-# the GPU tests (tests/gpu) and the GPU decode benchmark (bench/gpu_decode.py).
+# the GPU tests (tests/gpu, the custom-code VLM split on cuda:0 among them) and the GPU
+# decode benchmark (bench/gpu_decode.py).
 #
 #   Here, once:   bash scripts/gpu_check.sh --wheels     # fetch our transformers & co. (PyPI)
 #   On the GPU:   device run, carry [".gpu-wheels"], command "bash scripts/gpu_check.sh"
 #
 # The device image has its own PyTorch (CUDA) and an older transformers; our pinned
-# transformers/tokenizers/safetensors travel as wheels in .gpu-wheels/ (git-ignored) and
+# transformers/tokenizers/safetensors/pillow travel as wheels in .gpu-wheels/ (git-ignored) and
 # are installed without dependencies. Reports land in $OUT (or /tmp/gpu-check): the test
 # log, the benchmark table and bench/results/gpu_decode.json, and nvidia-smi.
 set -uo pipefail
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--wheels" ]]; then
     versions=$(python -m pip list --format=freeze 2>/dev/null \
-        | grep -iE '^(transformers|tokenizers|safetensors)==')
+        | grep -iE '^(transformers|tokenizers|safetensors|pillow)==')
     rm -rf .gpu-wheels && mkdir -p .gpu-wheels
     # shellcheck disable=SC2086
     python -m pip download --no-deps --only-binary=:all: -d .gpu-wheels \

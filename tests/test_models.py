@@ -21,6 +21,15 @@ from devicemap.model.skeleton import build_skeleton
 from devicemap.plan.place import kv_bytes
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 120, 33]])  # [B=1, T=8]
+# a small decoder: 4 heads of 8, 2 KV heads
+DECODER = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def save(model: Any, directory: Path) -> Path:
@@ -171,13 +180,8 @@ def test_rwkv_state_allocated_up_front_is_shared_among_its_layers(tmp_path: Path
 
 def test_measured_kv_equals_heads_times_head_dim(tmp_path: Path) -> None:
     config = tf.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
+        **DECODER,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
     )
     path = save(build(tf.LlamaForCausalLM, config), tmp_path / "llama")
     layers = [b for b in build_skeleton(path, dtype=torch.bfloat16).blocks if b.no_split]
@@ -200,13 +204,8 @@ def test_list_valued_and_unlimited_config_values() -> None:
 
 def test_a_parameter_made_off_meta_is_still_loaded(tmp_path: Path) -> None:
     config = tf.DiffLlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
+        **DECODER,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
     )
     path = save(build(tf.DiffLlamaForCausalLM, config), tmp_path / "diffllama")
     skeleton = build_skeleton(path)  # its lambda parameters come from torch.normal(size=...)
@@ -216,18 +215,13 @@ def test_a_parameter_made_off_meta_is_still_loaded(tmp_path: Path) -> None:
 
 def test_a_buffer_only_an_ancestor_initialises_is_right(tmp_path: Path) -> None:
     config = tf.FalconH1Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
+        **DECODER,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         mamba_d_ssm=32,
         mamba_n_heads=4,
         mamba_d_head=8,
         mamba_d_state=8,
         mamba_n_groups=1,
-        max_position_embeddings=64,
     )
     path = save(build(tf.FalconH1ForCausalLM, config), tmp_path / "falcon_h1")
     skeleton = build_skeleton(path)
