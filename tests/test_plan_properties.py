@@ -6,6 +6,7 @@ accounting is checked, not trusted.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, event, given, settings
@@ -15,6 +16,7 @@ from devicemap.devices import CPU, DISK, Device, parse_device
 from devicemap.errors import DoesNotFit, PinError
 from devicemap.model.skeleton import Skeleton
 from devicemap.plan.options import PlanOptions
+from devicemap.plan.place import kv_bytes, media_bytes
 from devicemap.plan.planner import Plan, make_plan
 from test_plan import block, skeleton_of
 
@@ -32,12 +34,16 @@ class Case:
 def cases(draw: st.DrawFn) -> Case:
     count = draw(st.integers(1, 24))
     blocks = [
-        block(
-            f"model.layers.{i}",
-            draw(st.integers(0, 400)),
-            kv=draw(st.integers(0, 4)),
-            act=draw(st.integers(0, 4)),
-            window=draw(st.sampled_from([None, None, 3, 8])),
+        dataclasses.replace(
+            block(
+                f"model.layers.{i}",
+                draw(st.integers(0, 400)),
+                kv=draw(st.integers(0, 4)),
+                act=draw(st.integers(0, 4)),
+                window=draw(st.sampled_from([None, None, 3, 8])),
+            ),
+            state_bytes=draw(st.sampled_from([0, 0, 0, 5, 30])),  # Mamba-like layers
+            image_tokens=draw(st.sampled_from([0, 0, 0, 0, 6])),  # vision-tower layers
         )
         for i in range(count)
     ]
@@ -46,6 +52,11 @@ def cases(draw: st.DrawFn) -> Case:
         tuple(sorted(set(draw(st.lists(st.sampled_from(names), min_size=2, max_size=3)))))
         for _ in range(draw(st.integers(0, 2)))
     )
+    for j in range(draw(st.integers(0, 2))):  # loose tensors, each kept where its block runs
+        anchor = draw(st.sampled_from(blocks)).name
+        loose = block(f"loose_{j}", draw(st.integers(1, 60)))
+        blocks.append(dataclasses.replace(loose, no_split=False, anchor=anchor))
+    names = [b.name for b in blocks]
     output = draw(st.sampled_from([None, names[-1]]))
     sk = skeleton_of(blocks, tied=tied, output=output, logits=draw(st.integers(0, 8)))
     gpus = draw(st.integers(0, 3))
@@ -66,6 +77,7 @@ def cases(draw: st.DrawFn) -> Case:
         pins=pins,
         offload_exec=draw(st.sampled_from(["gpu", "cpu"])),
         logits=draw(st.sampled_from(["last", "all"])),
+        images=draw(st.integers(0, 2)),
     )
     return Case(sk, dict(sorted(budgets.items(), key=lambda i: i[0].sort_key)), options)
 
@@ -77,18 +89,24 @@ def recomputed_usage(case: Case, p: Plan) -> dict[Device, int]:
     logits_tokens = 1 if opts.logits == "last" else prefill
     used = dict.fromkeys(case.budgets, 0)
     act = dict.fromkeys(case.budgets, 0)
+    media = dict.fromkeys(case.budgets, 0)
     stage = dict.fromkeys(case.budgets, 0)
     for b in sk.blocks:
         stored, runs = parse_device(p.device_map[b.name]), parse_device(p.exec_map[b.name])
         used[stored] += b.nbytes
         window = opts.context if b.kv_window is None else min(opts.context, b.kv_window)
-        used[runs] += b.kv_bytes_per_token * window * opts.batch
-        act[runs] = max(act[runs], b.act_bytes_per_token)
+        used[runs] += (b.kv_bytes_per_token * window + b.state_bytes) * opts.batch
+        if b.image_tokens:  # a vision block works on the images' patches, not the prompt
+            tokens = b.image_tokens * opts.images * opts.batch
+            media[runs] = max(media[runs], b.act_bytes_per_token * tokens)
+        else:
+            act[runs] = max(act[runs], b.act_bytes_per_token)
         if b.name == sk.output_block:
             used[runs] += sk.logits_bytes_per_token * logits_tokens * opts.batch
         if stored != runs and runs.is_gpu:
             stage[runs] = max(stage[runs], b.nbytes)
-    return {d: used[d] + act[d] * prefill * opts.batch + 2 * stage[d] for d in used}
+    workspace = {d: max(act[d] * prefill * opts.batch, media[d]) for d in used}
+    return {d: used[d] + workspace[d] + 2 * stage[d] for d in used}
 
 
 def pinned_device(case: Case, name: str) -> Device | None:
@@ -105,15 +123,20 @@ def check_plan(case: Case, p: Plan) -> None:
         assert usage[entry.device] == entry.used <= entry.budget
     for group in sk.tied:
         assert len({p.device_map[name] for name in group}) == 1
+    for b in sk.blocks:
+        if b.anchor is not None:  # kept on the device its block executes on
+            assert p.device_map[b.name] == p.exec_map[b.name] == p.exec_map[b.anchor]
     host = next((d for d in case.budgets if d.is_gpu), CPU)
     if case.options.offload_exec == "cpu" and CPU in case.budgets:
         host = CPU
+    loose = {b.name for b in sk.blocks if b.anchor is not None}
     for name in names:
         stored, runs = parse_device(p.device_map[name]), parse_device(p.exec_map[name])
         assert runs == (stored if stored.is_gpu else host)
-        assert pinned_device(case, name) in (None, stored)
+        assert name in loose or pinned_device(case, name) in (None, stored)
     order = list(case.budgets)
     tied = {name for group in sk.tied for name in group}
+    tied |= loose | {b.anchor for b in sk.blocks if b.anchor is not None}
     free = [
         order.index(parse_device(p.device_map[name]))
         for name in names
@@ -144,13 +167,14 @@ def test_every_plan_is_valid_and_deterministic(case: Case) -> None:
 def test_a_model_that_fits_on_one_device_is_always_placed(case: Case) -> None:
     sk, opts = case.skeleton, case.options
     prefill = opts.context if opts.prefill is None else min(opts.prefill, opts.context)
-    need = sum(b.nbytes + b.kv_bytes_per_token * opts.context * opts.batch for b in sk.blocks)
+    need = sum(b.nbytes + kv_bytes(b, opts.context, opts.batch) for b in sk.blocks)
     need += max(b.act_bytes_per_token for b in sk.blocks) * prefill * opts.batch
+    need += max(media_bytes(b, opts) for b in sk.blocks)
     need += sk.logits_bytes_per_token * prefill * opts.batch
     roomy = {d: need for d in case.budgets}
     options = PlanOptions(
         context=opts.context, batch=opts.batch, prefill=opts.prefill, strategy=opts.strategy,
-        offload_exec=opts.offload_exec,
+        offload_exec=opts.offload_exec, images=opts.images,
     )  # fmt: skip
     p = make_plan(sk, roomy, options)
     check_plan(Case(sk, roomy, options), p)
