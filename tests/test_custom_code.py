@@ -192,3 +192,81 @@ def test_image_for_a_text_model_is_a_clear_error(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(image)
     result = cli("run", model, "--image", image, "-p", "hi", "-n", 2)
     assert result.exit_code == 1 and "--image needs a vision-language model" in result.stderr
+
+
+# --- a standard transformers VLM with its processor --------------------------------------
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA with a processor (CLIP image processor, tokenizer, chat template)."""
+    from test_generate import byte_tokenizer
+    from tiny import tiny_config
+
+    directory = tmp_path_factory.mktemp("llava") / "tiny-llava"
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    config = tiny_config("llava")
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_index = config.image_token_id = image_token
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1)
+    model.save_pretrained(directory, max_shard_size="100KB")
+    processor = tf.LlavaProcessor(
+        image_processor=tf.CLIPImageProcessor(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_cli_run_with_an_image_on_a_transformers_vlm(llava: Path, tmp_path: Path) -> None:
+    processor = tf.AutoProcessor.from_pretrained(llava)
+    model = tf.LlavaForConditionalGeneration.from_pretrained(llava).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[picture()], return_tensors="pt", add_special_tokens=False)
+    assert (inputs["input_ids"] == model.config.image_token_index).sum() == 4  # 2 x 2 patches
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    expected = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    photo = tmp_path / "photo.png"
+    picture().save(photo)
+    result = cli(
+        "run",
+        llava,
+        "--image",
+        photo,
+        "-p",
+        "hi",
+        "-n",
+        5,
+        "-m",
+        "cpu=1GiB",
+        "-m",
+        "disk=1GiB",
+        "--pin",
+        "model.vision_tower=disk",
+        "--offload-exec",
+        "cpu",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["reply"] == expected
+    assert reply["device_map"]["model.vision_tower.encoder.layers.0"] == "disk"

@@ -59,8 +59,8 @@ def does_not_fit(placed: Placement) -> DoesNotFit:
         what = (
             f"{device} must hold {format_size(load.total(lay.tokens))} (weights pinned or kept"
             f" there {format_size(load.weights)}, KV cache {format_size(load.kv)}, workspace"
-            f" {format_size(load.workspace(lay.tokens))}, logits {format_size(load.logits)}, staging"
-            f" {format_size(2 * load.stage)}) but its budget is"
+            f" {format_size(load.workspace(lay.tokens))}, logits {format_size(load.logits)},"
+            f" staging {format_size(2 * load.stage)}) but its budget is"
             f" {format_size(lay.budgets[device])}: {format_size(short)} short"
         )
     suggestions = _suggestions(lay)
