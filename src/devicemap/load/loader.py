@@ -523,7 +523,10 @@ def _generation_config(model: torch.nn.Module, root: Path) -> None:
         return
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig.from_pretrained(root)  # type: ignore[assignment]
+    # the model's own kind where it has one (DiffusionGemma's sampler settings), as
+    # from_pretrained reads it
+    kind = getattr(model, "generation_config_class", None) or GenerationConfig
+    model.generation_config = kind.from_pretrained(root)
 
 
 def _dispatch(model: torch.nn.Module, plan: Plan) -> None:
