@@ -112,6 +112,32 @@ def cli(*args: Any) -> Any:
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def run_with_image(model: Path, photo: Path, prompt: str, new: int, pin: str, *extra: Any) -> Any:
+    """`devicemap run MODEL --image PHOTO --json`, cpu + disk (PIN), offloaded blocks on cpu."""
+    result = cli(
+        "run",
+        model,
+        *extra,
+        "--image",
+        photo,
+        "-p",
+        prompt,
+        "-n",
+        new,
+        "-m",
+        "cpu=1GiB",
+        "-m",
+        "disk=1GiB",
+        "--pin",
+        pin,
+        "--offload-exec",
+        "cpu",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def test_cli_refuses_custom_code_without_the_flag(vlm: Path) -> None:
     for command in ("plan", "run"):
         extra = ["-p", "hi"] if command == "run" else []
@@ -135,28 +161,9 @@ def test_cli_run_with_an_image_answers_like_transformers(vlm: Path, tmp_path: Pa
     expected = reference.chat(image=picture(), msgs=MSGS, tokenizer=tokenizer, max_new_tokens=6)
     photo = tmp_path / "photo.png"
     picture().save(photo)
-    result = cli(
-        "run",
-        vlm,
-        "--trust-remote-code",
-        "--image",
-        photo,
-        "-p",
-        MSGS[0]["content"],
-        "-n",
-        6,
-        "-m",
-        "cpu=1GiB",
-        "-m",
-        "disk=1GiB",
-        "--pin",
-        "llm.model.layers.3=disk",
-        "--offload-exec",
-        "cpu",
-        "--json",
+    reply = run_with_image(
+        vlm, photo, MSGS[0]["content"], 6, "llm.model.layers.3=disk", "--trust-remote-code"
     )
-    assert result.exit_code == 0, result.stderr
-    reply = json.loads(result.stdout)
     assert reply["reply"] == expected
     assert reply["device_map"]["llm.model.layers.3"] == "disk"
 
@@ -247,26 +254,6 @@ def test_cli_run_with_an_image_on_a_transformers_vlm(llava: Path, tmp_path: Path
     expected = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     photo = tmp_path / "photo.png"
     picture().save(photo)
-    result = cli(
-        "run",
-        llava,
-        "--image",
-        photo,
-        "-p",
-        "hi",
-        "-n",
-        5,
-        "-m",
-        "cpu=1GiB",
-        "-m",
-        "disk=1GiB",
-        "--pin",
-        "model.vision_tower=disk",
-        "--offload-exec",
-        "cpu",
-        "--json",
-    )
-    assert result.exit_code == 0, result.stderr
-    reply = json.loads(result.stdout)
+    reply = run_with_image(llava, photo, "hi", 5, "model.vision_tower=disk")
     assert reply["reply"] == expected
     assert reply["device_map"]["model.vision_tower.encoder.layers.0"] == "disk"
