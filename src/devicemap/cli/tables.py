@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..devices import parse_device
-from ..plan.place import compress_names
+from ..plan.place import summarise
 from ..plan.planner import Plan
 
 
@@ -65,5 +65,6 @@ def blocks_table(result: Plan) -> Table:
         if not names:
             continue
         runs = sorted({str(parse_device(result.exec_map[n])) for n in names})
-        table.add_row(str(usage.device), ", ".join(compress_names(names)), ", ".join(runs))
+        held = summarise(list(result.device_map), names)
+        table.add_row(str(usage.device), ", ".join(held), ", ".join(runs))
     return table

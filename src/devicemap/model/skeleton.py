@@ -64,6 +64,11 @@ class Block:
     # (an audio encoder's frames): its workspace is counted at these, not at the prompt
     image_tokens: int = 0  # -1: a vision tower that does not say its image size
     audio_tokens: int = 0
+    # a piece of an MoE layer cut around its routed experts: the layer's module prefix
+    # ("model.layers.3"); the pieces that are not the experts (attention, norms, router,
+    # shared experts) are that layer's dense part and always share a device
+    layer: str | None = None
+    experts: bool = False  # the layer's routed experts (stored anywhere, computed there)
 
     @property
     def loose(self) -> bool:
@@ -83,6 +88,9 @@ class Skeleton:
     logits_bytes_per_token: int  # fp32 logits per token per sequence (vocab * 4)
     max_positions: int | None  # the model's longest context, from its config
     fingerprint: str  # sha256 of the config (not the dtype)
+    # classes of routed experts not computed through transformers' experts interface
+    # (DBRX, JetMoE, Llama 4...): their layers are placed whole
+    whole_moe: tuple[str, ...] = ()
 
 
 def build_skeleton(
@@ -117,6 +125,7 @@ def build_skeleton(
         logits_bytes_per_token=logits_bytes_per_token(config),
         max_positions=max_positions(config),
         fingerprint=fingerprint,
+        whole_moe=unsplit_experts(parts),
     )
 
 
@@ -213,7 +222,8 @@ def _collect(
     parts: list[Part],
 ) -> None:
     if prefix and type(module).__name__ in units:
-        parts.append(Part(prefix, module, None, no_split=True))
+        pieces = expert_pieces(module, prefix)
+        parts.extend(pieces or [Part(prefix, module, None, no_split=True)])
         return
     if prefix and not contains[id(module)]:
         if _has_tensors(module):
@@ -226,6 +236,56 @@ def _collect(
             parts.append(Part(_join(prefix, name), module, name, no_split=False))
     for name, child in module.named_children():
         _collect(child, _join(prefix, name), units, contains, parts)
+
+
+def is_experts(module: torch.nn.Module) -> bool:
+    """Routed experts transformers computes through its experts interface (a class decorated
+    with `use_experts_implementation`: 3-D expert weights, one function for all of them)."""
+    return hasattr(module, "is_concatenated") and hasattr(type(module), "_apply_gate")
+
+
+def unsplit_experts(parts: list[Part]) -> tuple[str, ...]:
+    """Class names of modules that look like routed experts (an `experts` submodule, or a
+    class named *Experts*) inside whole no-split layers: devicemap cannot compute them one
+    by one, so those layers stay whole."""
+    found = set()
+    for part in parts:
+        if not part.no_split:
+            continue
+        for name, sub in part.module.named_modules():
+            kind = type(sub).__name__
+            if name.rsplit(".", 1)[-1] == "experts" or "Experts" in kind:
+                found.add(kind)
+    return tuple(sorted(found))
+
+
+def expert_pieces(layer: torch.nn.Module, prefix: str) -> list[Part] | None:
+    """An MoE layer cut so its routed experts are a block of their own: the experts module,
+    and around it every sibling on the way down (attention, norms, router, shared experts)
+    as blocks, direct tensors on the way as loose ones. None for a layer without experts."""
+    targets = {id(m) for m in layer.modules() if is_experts(m)}
+    if not targets:
+        return None
+    pieces: list[Part] = []
+    _around(layer, prefix, targets, layer, pieces)
+    return pieces
+
+
+def _around(
+    module: torch.nn.Module, prefix: str, targets: set[int], layer: torch.nn.Module,
+    pieces: list[Part],
+) -> None:  # fmt: skip
+    for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+        if tensor is not None:
+            pieces.append(Part(_join(prefix, name), module, name, no_split=False, layer=layer))
+    for name, child in module.named_children():
+        path = _join(prefix, name)
+        if id(child) in targets:
+            pieces.append(Part(path, child, None, no_split=False, layer=layer, experts=True))
+        elif any(id(m) in targets for m in child.modules()):
+            _around(child, path, targets, layer, pieces)
+        elif _has_tensors(child):
+            pieces.append(Part(path, child, None, no_split=False, layer=layer))
 
 
 def _has_tensors(module: torch.nn.Module) -> bool:
@@ -254,11 +314,13 @@ def make_blocks(
     owners = _config_owners(module)
     kv = kv_layers(config, dtype)
     images = _image_tokens(owners, config, root)
+    layers = {id(m): name for name, m in module.named_modules()}  # a cut layer's prefix
     blocks = []
     for part in parts:
         cfg = owners.get(id(part.module), config)
         kv_bytes, window = (0, None) if part.tensor is not None else block_kv(part.module, kv)
         use = measured.get(part.name)
+        in_layer = part.no_split or (part.layer is not None and part.tensor is None)
         blocks.append(
             Block(
                 name=part.name,
@@ -267,11 +329,13 @@ def make_blocks(
                 no_split=part.no_split,
                 kv_bytes_per_token=use.per_token if use is not None else kv_bytes,
                 kv_window=window,
-                act_bytes_per_token=act_bytes_per_token(cfg, dtype, layer=part.no_split),
+                act_bytes_per_token=act_bytes_per_token(cfg, dtype, layer=in_layer),
                 anchor=anchors[part.name] if part.tensor is not None else None,
                 state_bytes=use.state if use is not None else 0,
                 image_tokens=images.get(id(cfg), 0) if part.no_split else 0,
                 audio_tokens=audio_tokens(cfg) if part.no_split and cfg is not config else 0,
+                layer=layers.get(id(part.layer)) if part.layer is not None else None,
+                experts=part.experts,
             )
         )
     return tuple(blocks)

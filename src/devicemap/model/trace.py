@@ -28,6 +28,9 @@ class Part:
     module: torch.nn.Module  # the module it is, or the module owning its single tensor
     tensor: str | None  # set when the block is one direct tensor of a module holding units
     no_split: bool
+    # a piece of a no-split unit cut around its routed experts (an MoE layer): the unit
+    layer: torch.nn.Module | None = None
+    experts: bool = False  # the unit's routed experts
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class _Run:
         self._before: dict[str, int] = {}
         self._seen: set[str] = set()
         units = {id(p.module) for p in parts if p.no_split}
+        units |= {id(p.layer) for p in parts if p.layer is not None}
         self.stacks = _cut_stacks(scratch, units, shorten) if stacks is None else stacks
         self._handles = [
             handle
@@ -240,21 +244,42 @@ class _Stack:
     kinds: list[int]  # per layer: the kept position whose kind it has
 
     def expand(self, run: _Run) -> None:
-        """Calls, uses and cache of the whole stack, from those of its kept layers."""
-        names = [f"{self.prefix}.{i}" for i in self.kept]
-        at = min(run.calls.index(n) for n in names)  # ValueError if it did not run: full trace
-        kept_calls = sum(1 for n in run.calls if n in names)
-        run.calls = [n for n in run.calls if n not in names]
-        run.calls[at:at] = [f"{self.prefix}.{i}" for i in range(self.size)]
+        """Calls, uses and cache of the whole stack, from those of its kept layers (a kept
+        layer may be one block, or the pieces of an MoE layer: `prefix.i.mlp.experts`)."""
+        kept = [f"{self.prefix}.{i}" for i in self.kept]
+
+        def layer_of(name: str) -> int | None:
+            for j, stem in enumerate(kept):
+                if name == stem or name.startswith(stem + "."):
+                    return j
+            return None
+
+        stack_calls = [n for n in run.calls if layer_of(n) is not None]
+        at = run.calls.index(stack_calls[0])  # IndexError if it did not run: full trace
+        segments: list[list[str]] = [[] for _ in kept]
+        for name in stack_calls:
+            segments[layer_of(name) or 0].append(name)  # type: ignore[index]
+        whole = [
+            self._renamed(name, kept[self.kinds[i]], i)
+            for i in range(self.size)
+            for name in segments[self.kinds[i]]
+        ]
+        run.calls = [n for n in run.calls if layer_of(n) is None]
+        run.calls[at:at] = whole
         for name, count in run.used_after.items():
             if count > at:
-                run.used_after[name] = count + self.size - kept_calls
-        grown = [run.grown.get(n, 0) for n in names]
+                run.used_after[name] = count + len(whole) - len(stack_calls)
+        grown = dict(run.grown)
         for i in range(self.size):
-            run.grown[f"{self.prefix}.{i}"] = grown[self.kinds[i]]
+            for name in segments[self.kinds[i]]:
+                run.grown[self._renamed(name, kept[self.kinds[i]], i)] = grown.get(name, 0)
         for receivers in run._receivers.values():
-            if receivers & set(names):
-                receivers.update(f"{self.prefix}.{i}" for i in range(self.size))
+            if any(layer_of(n) is not None for n in receivers):
+                receivers.update(whole)
+
+    def _renamed(self, name: str, stem: str, i: int) -> str:
+        """`prefix.j.rest` of kept layer j as the same piece of layer i."""
+        return f"{self.prefix}.{i}{name[len(stem) :]}"
 
 
 def _cut_stacks(module: torch.nn.Module, unit_ids: set[int], shorten: bool) -> list[_Stack]:

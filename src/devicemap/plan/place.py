@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -89,12 +90,36 @@ def _resolve_pins(
 
 
 def pin_covers(prefix: str, block: Block) -> bool:
-    """The pin names this block, a module holding it, or a module inside it."""
+    """The pin names this block, a module holding it, or a module inside it; a pin with
+    * or ? is a glob over module names ("model.layers.*.mlp.experts")."""
+    if _GLOB.search(prefix):
+        return _glob_covers(prefix, block)
     if block.name == prefix or block.name.startswith(prefix + ".") or prefix == "":
         return True
     return prefix.startswith(block.name + ".") and any(
         p == prefix or p.startswith(prefix + ".") for p in block.params
     )
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _glob_covers(pattern: str, block: Block) -> bool:
+    """A glob matching the block, a module holding it, or one inside it (a `*` stops at dots)."""
+    regex = _glob_regex(pattern)
+    parts = block.name.split(".")
+    if any(regex.fullmatch(".".join(parts[:end])) for end in range(1, len(parts) + 1)):
+        return True
+    inside = {p.rsplit(".", 1)[0] for p in block.params}  # modules inside the block
+    return any(regex.fullmatch(m) for m in inside if m.startswith(block.name + "."))
+
+
+@functools.lru_cache(maxsize=64)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out = ""
+    for char in pattern:
+        out += {"*": r"[^.]*", "?": r"[^.]"}.get(char, re.escape(char))
+    return re.compile(out)
 
 
 def _close(prefix: str, skeleton: Skeleton) -> str:
@@ -119,6 +144,7 @@ class _Unit:
     media: int  # bytes: workspace of its vision / audio blocks for the planned images x batch
     stage: int  # largest block, bytes (the staging buffer it needs when streamed)
     logits: int  # bytes, when the output block is in it
+    experts: bool = False  # an MoE layer's routed experts: off the GPUs, computed on the CPU
 
 
 def _units(skeleton: Skeleton, options: PlanOptions) -> list[_Unit]:
@@ -130,6 +156,10 @@ def _units(skeleton: Skeleton, options: PlanOptions) -> list[_Unit]:
     for i, block in enumerate(skeleton.blocks):
         if block.anchor is not None and block.anchor in position:
             pairs.append((position[block.anchor], i))
+    dense: dict[str, int] = {}  # an MoE layer's dense pieces (attention, norms, router): one unit
+    for i, block in enumerate(skeleton.blocks):
+        if block.layer is not None and not block.experts and not block.loose:
+            pairs.append((dense.setdefault(block.layer, i), i))
     groups = connected_groups(pairs, range(len(skeleton.blocks)))  # each led by its first block
     return [_unit(skeleton, members, options) for members in groups]
 
@@ -148,6 +178,7 @@ def _unit(skeleton: Skeleton, members: list[int], options: PlanOptions) -> _Unit
         logits=skeleton.logits_bytes_per_token * options.logits_tokens() * options.batch
         if output
         else 0,
+        experts=all(b.experts or b.loose for b in blocks) and any(b.experts for b in blocks),
     )
 
 
@@ -222,13 +253,18 @@ class Layout:
     host: Device  # where cpu/disk-stored blocks execute
     tokens: int  # prefill x batch
     suffix: list[_Load]  # suffix[k]: runtime of free units k.. executing on the host
+    expert_host: Device  # where cpu/disk-stored routed experts execute: the CPU if it has a budget
 
-    def remote(self, device: Device) -> bool:
+    def remote(self, device: Device, experts: bool = False) -> bool:
         """Stored here, executed on the host (streamed or paged in)."""
-        return not device.is_gpu and device != self.host
+        return not device.is_gpu and device != (self.expert_host if experts else self.host)
 
-    def exec_device(self, stored: Device) -> Device:
-        return stored if stored.is_gpu else self.host
+    def exec_device(self, stored: Device, experts: bool = False) -> Device:
+        """Where a block stored on `stored` runs: a GPU runs its own; cpu/disk-stored blocks run
+        on the host, routed experts on the CPU (only hidden states cross, never the experts)."""
+        if stored.is_gpu:
+            return stored
+        return self.expert_host if experts else self.host
 
 
 def _layout(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions) -> Layout:
@@ -237,14 +273,30 @@ def _layout(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOpti
     devices = list(budgets)
     gpus = [d for d in devices if d.is_gpu]
     host = gpus[0] if gpus and (options.offload_exec == "gpu" or CPU not in budgets) else CPU
-    free = [u for u in range(len(units)) if u not in fixed]
+    # dense parts and every other block first (they and the KV cache take the GPUs first),
+    # then the routed experts of as many layers as fit, in execution order
+    unpinned = [u for u in range(len(units)) if u not in fixed]
+    free = [u for u in unpinned if not units[u].experts] + [u for u in unpinned if units[u].experts]
     suffix = [_Load() for _ in range(len(free) + 1)]
     for k in range(len(free) - 1, -1, -1):
         suffix[k] = dataclasses.replace(suffix[k + 1])
-        suffix[k].run(units[free[k]], streamed=host.is_gpu)
+        if not units[free[k]].experts:  # experts off the GPUs run on the CPU: charged there
+            suffix[k].run(units[free[k]], streamed=host.is_gpu)
     tokens = options.prefill_tokens() * options.batch
+    expert_host = CPU if CPU in budgets else host
     return Layout(
-        skeleton, budgets, options, units, fixed, free, devices, gpus, host, tokens, suffix
+        skeleton,
+        budgets,
+        options,
+        units,
+        fixed,
+        free,
+        devices,
+        gpus,
+        host,
+        tokens,
+        suffix,
+        expert_host,
     )
 
 
@@ -285,8 +337,16 @@ class Fill:
         return self.failed is None and not self.over
 
     def start_remote(self, lay: Layout) -> int:
-        """k: the first free unit stored on a remote device (len(free) if none)."""
-        return next((k for k, d in enumerate(self.where) if lay.remote(d)), len(self.where))
+        """k: the first free unit stored on a remote device (len(free) if none); routed experts,
+        which run on the CPU and need no reserve on the host, do not count."""
+        return next(
+            (
+                k
+                for k, d in enumerate(self.where)
+                if lay.remote(d) and not lay.units[lay.free[k]].experts
+            ),
+            len(self.where),
+        )
 
 
 def _fixed_loads(lay: Layout) -> dict[Device, _Load]:
@@ -294,7 +354,7 @@ def _fixed_loads(lay: Layout) -> dict[Device, _Load]:
     for index, device in lay.fixed.items():
         unit = lay.units[index]
         loads[device].weights += unit.weights
-        runs_on = lay.exec_device(device)
+        runs_on = lay.exec_device(device, unit.experts)
         loads[runs_on].run(unit, streamed=device != runs_on and runs_on.is_gpu)
     return loads
 
@@ -344,15 +404,17 @@ def _refusal(
         g = lay.gpus.index(device)
         if g < len(lay.gpus) - 1 and twice_gpu + unit.weights > 2 * targets[g]:
             return "share"
-    if lay.remote(device):
+    if lay.remote(device, unit.experts):
         return "room" if load.total(lay.tokens) + unit.weights > budget else None
     return "room" if load.with_unit(unit, lay.tokens) > budget else None
 
 
 def _charge(lay: Layout, loads: dict[Device, _Load], unit: _Unit, device: Device) -> None:
     loads[device].weights += unit.weights
-    if not lay.remote(device):  # remote units' runtime is in the host's up-front reserve
+    if not lay.remote(device, unit.experts):  # remote units' runtime: the host's reserve
         loads[device].run(unit, streamed=False)
+    elif unit.experts:  # routed experts on disk run on the CPU, read in place
+        loads[lay.expert_host].run(unit, streamed=False)
 
 
 # --- strategies -------------------------------------------------------------
@@ -427,7 +489,8 @@ def _stored(lay: Layout, fill: Fill) -> list[Device]:
     for index, device in placed.items():
         for i in lay.units[index].blocks:
             loose = lay.skeleton.blocks[i].loose
-            stored[i] = lay.exec_device(device) if loose else device
+            unit = lay.units[index]
+            stored[i] = lay.exec_device(device, unit.experts) if loose else device
     return stored
 
 
@@ -439,21 +502,28 @@ def list_names(names: Sequence[str]) -> str:
     return ", ".join(compress_names(names))
 
 
-_NUMBERED = re.compile(r"^(.*\.)(\d+)$")
+_NUMBERED = re.compile(r"^(.*\.)(\d+)(\.\S+| \(.*\))?$")
 
 
 def compress_names(names: Sequence[str]) -> list[str]:
-    """["model.layers.0", "model.layers.1", "lm_head"] -> ["model.layers.0-1", "lm_head"]."""
+    """["model.layers.0", "model.layers.1", "lm_head"] -> ["model.layers.0-1", "lm_head"];
+    the same piece of consecutive layers too: "model.layers.3-9.mlp.experts"."""
     out: list[str] = []
-    run: tuple[str, int, int] | None = None  # (stem, first, last)
+    run: tuple[str, int, int, str] | None = None  # (stem, first, last, suffix)
     for name in names:
         match = _NUMBERED.match(name)
-        if match and run and run[0] == match.group(1) and int(match.group(2)) == run[2] + 1:
-            run = (run[0], run[1], run[2] + 1)
+        suffix = (match.group(3) or "") if match else ""
+        if (
+            match
+            and run
+            and (run[0], run[3]) == (match.group(1), suffix)
+            and int(match.group(2)) == run[2] + 1
+        ):
+            run = (run[0], run[1], run[2] + 1, suffix)
             continue
         if run:
             out.append(_run_name(run))
-        run = (match.group(1), int(match.group(2)), int(match.group(2))) if match else None
+        run = (match.group(1), int(match.group(2)), int(match.group(2)), suffix) if match else None
         if not match:
             out.append(name)
     if run:
@@ -461,6 +531,41 @@ def compress_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def _run_name(run: tuple[str, int, int]) -> str:
-    stem, first, last = run
-    return f"{stem}{first}" if first == last else f"{stem}{first}-{last}"
+_PIECE = re.compile(r"^(.*\.\d+)\.")  # "model.layers.3.mlp.experts" -> "model.layers.3"
+
+
+def summarise(every: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Block names for people: the pieces of an MoE layer that are all in `names` shown as
+    their layer, its pieces but the routed experts as "<layer> (dense)"; then runs
+    compressed. `every`: all block names of the plan, in order."""
+    held = set(names)
+    pieces: dict[str, list[str]] = {}
+    for name in every:
+        match = _PIECE.match(name)
+        if match:
+            pieces.setdefault(match.group(1), []).append(name)
+    shown: list[str] = []
+    done: set[str] = set()
+    for name in names:
+        match = _PIECE.match(name)
+        layer = match.group(1) if match else None
+        if layer is None or layer in done:
+            if layer is None:
+                shown.append(name)
+            continue
+        done.add(layer)
+        mine = pieces[layer]
+        dense = [n for n in mine if not n.endswith(".experts")]
+        if all(n in held for n in mine):
+            shown.append(layer)
+        elif dense and len(dense) < len(mine) and all(n in held for n in dense):
+            shown.append(f"{layer} (dense)")
+            shown += [n for n in mine if n not in dense and n in held]
+        else:
+            shown += [n for n in mine if n in held]
+    return compress_names(shown)
+
+
+def _run_name(run: tuple[str, int, int, str]) -> str:
+    stem, first, last, suffix = run
+    return f"{stem}{first}{suffix}" if first == last else f"{stem}{first}-{last}{suffix}"

@@ -26,7 +26,16 @@ from ..errors import DevicemapError, PinError, PlanError, PlanMismatch
 from ..model.config import dtype_name
 from ..model.skeleton import Block, Skeleton, build_skeleton
 from .options import Logits, OffloadExec, PlanOptions, Strategy
-from .place import Layout, Placement, is_media, list_names, media_bytes, pin_covers, place
+from .place import (
+    Layout,
+    Placement,
+    is_media,
+    list_names,
+    media_bytes,
+    pin_covers,
+    place,
+    summarise,
+)
 from .shortfall import does_not_fit, largest
 
 PLAN_FORMAT = 1  # bump when the JSON layout changes
@@ -366,7 +375,9 @@ def make_plan(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOp
         dtype=skeleton.dtype,
         options=options,
         device_map={b.name: stored[i].map_value for i, b in enumerate(blocks)},
-        exec_map={b.name: lay.exec_device(stored[i]).map_value for i, b in enumerate(blocks)},
+        exec_map={
+            b.name: lay.exec_device(stored[i], b.experts).map_value for i, b in enumerate(blocks)
+        },
         devices=devices,
         max_context=_max_context(lay, tallies),
         order=skeleton.order,
@@ -406,7 +417,7 @@ def _tallies(lay: Layout, stored: list[Device]) -> dict[Device, _Tally]:
     tallies = {d: _Tally() for d in lay.devices}
     output = lay.skeleton.output_block
     for block, device in zip(lay.skeleton.blocks, stored, strict=True):
-        where = lay.exec_device(device)
+        where = lay.exec_device(device, block.experts)
         tally = tallies[where]
         tallies[device].weights += block.nbytes
         if block.kv_window is None:
@@ -463,13 +474,20 @@ def _reasons(
                 " after the blocks before it and its runtime reserves: moved on"
             )
     lines += _media_lines(lay, stored)
+    if lay.skeleton.whole_moe:
+        kinds = ", ".join(lay.skeleton.whole_moe)
+        lines.append(
+            f"routed experts ({kinds}) are not computed through transformers' experts"
+            " interface, which devicemap computes expert by expert: their layers are placed"
+            " whole, every expert with its layer"
+        )
     lines += _remote_lines(lay, stored)
     lines += _pin_lines(lay, stored)
-    for unit in lay.units:
-        tied = [blocks[i].name for i in unit.blocks if not blocks[i].loose]
-        if len(tied) > 1:
-            names = ", ".join(tied)
-            lines.append(f"tied: {names} share weights, so all are on {stored[unit.blocks[0]]}")
+    position = {b.name: i for i, b in enumerate(blocks)}
+    for group in lay.skeleton.tied:
+        names = ", ".join(group)
+        where = stored[position[group[0]]]
+        lines.append(f"tied: {names} share weights, so all are on {where}")
     for block, device in zip(blocks, stored, strict=True):
         if block.anchor is not None:
             lines.append(
@@ -512,7 +530,9 @@ def _media_line(
 
 
 def _device_line(lay: Layout, usage: DeviceUsage, stored: list[Device], kv_layers: int) -> str:
-    held = list_names(_held(lay, stored, usage.device)) or "no blocks"
+    every = [b.name for b in lay.skeleton.blocks]
+    held = ", ".join(summarise(every, _held(lay, stored, usage.device)))
+    held = held or "no blocks"
     parts = [f"{usage.device}: {held} ({format_size(usage.weights)} weights)"]
     if usage.kv_cache:
         parts.append(
@@ -539,14 +559,42 @@ def _remote_lines(lay: Layout, stored: list[Device]) -> list[str]:
     for device in lay.devices:
         if device.is_gpu or device == lay.host:
             continue
-        names = _held(lay, stored, device)
+        names = [n for n in _held(lay, stored, device) if not _experts(lay, n)]
         if names:
             how = "streamed in" if lay.host.is_gpu else "read in place"
             lines.append(
                 f"{list_names(names)} stored on {device} execute on {lay.host}"
                 f" ({how}); their KV cache and workspace are counted on {lay.host}"
             )
-    return lines
+    return lines + _expert_lines(lay, stored)
+
+
+def _experts(lay: Layout, name: str) -> bool:
+    return any(b.experts for b in lay.skeleton.blocks if b.name == name)
+
+
+def _expert_lines(lay: Layout, stored: list[Device]) -> list[str]:
+    """'routed experts of layers 0-17 on cuda:0; of layers 18-47 on cpu, computed on cpu'."""
+    placed: dict[Device, list[str]] = {}
+    for block, device in zip(lay.skeleton.blocks, stored, strict=True):
+        if block.experts and block.layer is not None:
+            placed.setdefault(device, []).append(block.layer)
+    if not placed:
+        return []
+    parts = []
+    for device in lay.devices:
+        if device in placed:
+            where = lay.exec_device(device, experts=True)
+            how = "" if where == device else f", computed on {where} (read in place)"
+            parts.append(f"of {_layers(placed[device])} on {device}{how}")
+    line = "routed experts " + "; ".join(parts)
+    return [line + ": dense parts (attention, norms, router) and KV cache are placed first"]
+
+
+def _layers(names: list[str]) -> str:
+    """["model.layers.0", "model.layers.1", "model.layers.5"] -> "layers 0-1, 5"."""
+    compressed = list_names(names)
+    return compressed.replace("model.layers.", "layers ", 1).replace(", model.layers.", ", ")
 
 
 def _pin_lines(lay: Layout, stored: list[Device]) -> list[str]:
