@@ -143,9 +143,11 @@ class _Reader:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 def test_ctrl_c_stops_the_reply_not_the_session(tmp_path: Path) -> None:
-    # no end-of-sequence token: the reply runs until stopped
-    model = make_tiny_chat(tmp_path / "endless", byte_tokenizer(), eos_token_id=None)
-    process = devicemap_process("chat", model, "-n", 400)
+    # no end-of-sequence token and room for 3000 tokens (~10 s): the reply runs until stopped
+    model = make_tiny_chat(
+        tmp_path / "endless", byte_tokenizer(), eos_token_id=None, max_position_embeddings=4096
+    )
+    process = devicemap_process("chat", model, "-n", 3000)
     assert process.stdin is not None and process.stdout is not None and process.stderr is not None
     out, err = _Reader(process.stdout), _Reader(process.stderr)
     try:
@@ -168,4 +170,4 @@ def test_ctrl_c_stops_the_reply_not_the_session(tmp_path: Path) -> None:
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
     stopped = re.search(r"\[interrupted\]\n(?:.*\n)*?\[(\d+) tokens, [\d.]+ tok/s\]", log)
     assert stopped is not None, log
-    assert 0 < int(stopped.group(1)) < 400, log  # the reply stopped early
+    assert 0 < int(stopped.group(1)) < 3000, log  # the reply stopped early

@@ -161,7 +161,12 @@ def test_every_arch_all_cpu_matches_from_pretrained(
     model = hand_load(path, lambda s: every_block(s, "cpu"))
     expected = reference(path, arch)
     assert torch.equal(logits(model, arch), logits(expected, arch))
-    assert all(p.device.type == "cpu" for p in model.parameters())
+    kept = tuple(  # fused experts kept as the checkpoint's per-expert tensors stay meta
+        f"{n}." for n, m in model.named_modules() if "_devicemap_experts" in m.__dict__
+    )
+    assert all(
+        p.device.type == "cpu" for n, p in model.named_parameters() if not n.startswith(kept)
+    )
     grads = {n: p.requires_grad for n, p in expected.named_parameters()}
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads  # as transformers
 
@@ -241,24 +246,37 @@ def test_cpu_parameters_in_another_dtype_are_ordinary_memory(
     assert all(backing_file(p, spans) is None for p in model.parameters())
 
 
-def test_fused_experts_on_disk_come_from_one_cache_written_once(
+def test_disk_experts_are_the_checkpoints_tensors_with_no_converted_copy(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     path = tiny_models["mixtral"]
     model = hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing converted: per-expert tensors as saved
+    spans = mapped_files()
+    shards = {str(f) for f in path.glob("*.safetensors")}
+    pieces = model.model.layers[1].mlp.experts.__dict__["_devicemap_experts"]
+    assert all(backing_file(t, spans) in shards for t in pieces.tensors(range(4)))
+    norm = model.model.layers[1].input_layernorm.weight  # 1:1 key: straight from its shard
+    assert backing_file(norm, spans) in shards
+    assert torch.equal(logits(model, "mixtral"), logits(reference(path, "mixtral"), "mixtral"))
+
+
+def test_fused_experts_in_another_dtype_come_from_one_cache_written_once(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    path, bf16 = tiny_models["mixtral"], torch.bfloat16
+    model = hand_load(path, lambda s: every_block(s, "disk"), dtype=bf16, offload_dir=tmp_path)
     (cache,) = tmp_path.iterdir()  # one file for every converted tensor
     assert cache.suffix == ".safetensors"
-    spans = mapped_files()
     experts = model.model.layers[1].mlp.experts.gate_up_proj
-    assert backing_file(experts, spans) == str(cache)
-    norm = model.model.layers[1].input_layernorm.weight  # 1:1 key: straight from its shard
-    assert backing_file(norm, spans) in {str(f) for f in path.glob("*.safetensors")}
-    assert torch.equal(logits(model, "mixtral"), logits(reference(path, "mixtral"), "mixtral"))
+    assert backing_file(experts, mapped_files()) == str(cache)
+    expected = logits(reference(path, "mixtral", bf16), "mixtral")
+    assert torch.equal(logits(model, "mixtral"), expected)
     before = cache.stat()
-    again = hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
+    again = hand_load(path, lambda s: every_block(s, "disk"), dtype=bf16, offload_dir=tmp_path)
     after = cache.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert torch.equal(logits(again, "mixtral"), logits(model, "mixtral"))
+    assert torch.equal(logits(again, "mixtral"), expected)
 
 
 def test_other_dtype_on_disk_uses_cache_and_matches_from_pretrained(
@@ -523,7 +541,8 @@ def test_unwritable_offload_dir_names_the_directory(
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    skeleton = build_skeleton(tiny_models["mixtral"])  # fused experts on disk need the cache
+    # experts converted to another dtype on disk need the cache
+    skeleton = build_skeleton(tiny_models["mixtral"], dtype=torch.bfloat16)
     plan = hand_plan(skeleton, every_block(skeleton, "disk"))
     with pytest.raises(OffloadError) as caught:
         place(
@@ -540,7 +559,7 @@ def test_unwritable_offload_dir_names_the_directory(
 def test_full_disk_leaves_no_cache_and_the_next_load_writes_a_whole_one(
     tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tiny_models["qwen2_moe"]
+    path, bf16 = tiny_models["qwen2_moe"], torch.bfloat16  # converted: the cache is needed
     written = []
 
     def full(f: Any, data: memoryview) -> None:
@@ -551,22 +570,22 @@ def test_full_disk_leaves_no_cache_and_the_next_load_writes_a_whole_one(
 
     monkeypatch.setattr(convert, "_write_bytes", full)
     with pytest.raises(OffloadError) as caught:
-        hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
+        hand_load(path, lambda s: every_block(s, "disk"), dtype=bf16, offload_dir=tmp_path)
     assert str(tmp_path) in str(caught.value) and "It needs " in str(caught.value)
     assert list(tmp_path.iterdir()) == [], "the half-written temp file must be removed"
 
     monkeypatch.undo()
-    model = hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
+    model = hand_load(path, lambda s: every_block(s, "disk"), dtype=bf16, offload_dir=tmp_path)
     (cache,) = tmp_path.iterdir()
     assert torch.equal(
-        logits(model, "qwen2_moe"), logits(reference(path, "qwen2_moe"), "qwen2_moe")
+        logits(model, "qwen2_moe"), logits(reference(path, "qwen2_moe", bf16), "qwen2_moe")
     )
 
     with open(cache, "r+b") as f:  # a cache cut short (a crash, a full disk) is never reused
         f.truncate(cache.stat().st_size - 64)
-    model = hand_load(path, lambda s: every_block(s, "disk"), offload_dir=tmp_path)
+    model = hand_load(path, lambda s: every_block(s, "disk"), dtype=bf16, offload_dir=tmp_path)
     assert torch.equal(
-        logits(model, "qwen2_moe"), logits(reference(path, "qwen2_moe"), "qwen2_moe")
+        logits(model, "qwen2_moe"), logits(reference(path, "qwen2_moe", bf16), "qwen2_moe")
     )
 
 

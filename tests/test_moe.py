@@ -154,3 +154,94 @@ def test_experts_on_disk_dense_in_ram_equal_transformers(arch: str, tmp_path: Pa
         assert torch.equal(ours, theirs)
         greedy = {"max_new_tokens": 4, "do_sample": False}
         assert torch.equal(model.generate(IDS, **greedy), expected.generate(IDS, **greedy))
+
+
+# --- experts kept as the checkpoint's own per-expert tensors ------------------------------
+
+
+def experts_on_disk(arch: str, tmp_path: Path) -> tuple[Any, Path]:
+    path = tiny_moe(arch, tmp_path / arch)
+    skeleton = build_skeleton(path)
+    pins = {b.name: "disk" for b in skeleton.blocks if b.experts}
+    plan = devicemap.plan(
+        skeleton,
+        max_memory={"cpu": "1GiB", "disk": "1GiB"},
+        pins=pins,
+        offload_exec="cpu",
+        context=64,
+    )
+    offload = tmp_path / "offload"
+    return devicemap.load(skeleton, plan=plan, offload_dir=offload, progress=False), offload
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_disk_experts_are_the_checkpoints_own_tensors_no_copy_written(
+    arch: str, tmp_path: Path
+) -> None:
+    from devicemap.run.experts import EXPERTS_ATTR
+    from devicemap.run.pages import file_mappings
+
+    model, offload = experts_on_disk(arch, tmp_path)
+    sources = [m.__dict__[EXPERTS_ATTR] for m in model.modules() if EXPERTS_ATTR in m.__dict__]
+    assert sources and model.config._experts_implementation == "devicemap"
+    assert not offload.exists() or not any(offload.rglob("*.safetensors"))  # 0 bytes written
+    files = {str(f) for f in (tmp_path / arch).glob("*.safetensors")}
+    spans = file_mappings() or []
+    for tensor in sources[0].tensors(range(2)):
+        address = tensor.data_ptr()
+        assert any(s.start <= address < s.end and s.path in files for s in spans)
+    experts = next(m for m in model.modules() if EXPERTS_ATTR in m.__dict__)
+    assert all(p.is_meta for p in experts.parameters())  # no fused copy, not even in RAM
+    devicemap.release(model)
+    assert model.config._experts_implementation != "devicemap"  # its own again
+    assert not any(EXPERTS_ATTR in m.__dict__ for m in model.modules())
+
+
+def test_only_the_routed_experts_are_read(tmp_path: Path) -> None:
+    from devicemap.run.experts import EXPERTS_ATTR
+
+    model, _ = experts_on_disk("qwen3_moe", tmp_path)
+    sources = [m.__dict__[EXPERTS_ATTR] for m in model.modules() if EXPERTS_ATTR in m.__dict__]
+    routed: list[set[int]] = []
+
+    def record(module: Any, args: Any, output: Any) -> None:
+        routed.append(set(output[2].flatten().tolist()))  # the router's top-k expert ids
+
+    gates = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    handles = [g.register_forward_hook(record) for g in gates]
+    with torch.no_grad():
+        model(IDS[:, :1])  # one token: top-2 of 4 experts per layer
+    for handle in handles:
+        handle.remove()
+    assert [s.touched for s in sources] == routed and all(len(r) <= 2 for r in routed)
+    devicemap.release(model)
+
+
+def test_a_conversion_that_is_not_a_concatenation_keeps_the_fused_path() -> None:
+    from devicemap.load.convert import Recipe
+    from devicemap.load.experts import expert_pieces
+    from devicemap.model.checkpoint import TensorInfo
+
+    def info(name: str) -> TensorInfo:
+        return TensorInfo(name, Path("x"), torch.float32, (2, 3), 0, 24)
+
+    class Swapped:  # a converter whose output is not the inputs stacked in order
+        source_patterns = ("experts.*.w.weight",)
+
+        def add_tensor(self, layer: str, name: str, pattern: str, read: Any) -> None:
+            self.read = [*getattr(self, "read", []), read]
+
+        def convert(self, layer: str, **kwargs: Any) -> dict[str, torch.Tensor]:
+            tensors = [read() for read in self.read]
+            return {"m.experts.w": torch.stack(tensors[::-1])}
+
+    names = [f"m.experts.{e}.w.weight" for e in range(2)]
+    recipe = Recipe(
+        ("m.experts.w",),
+        ((2, 2, 3),),
+        tuple(map(info, names)),
+        ("experts.*.w.weight",) * 2,
+        "m.experts.w",
+        Swapped(),
+    )
+    assert expert_pieces(recipe, (2, 2, 3), torch.nn.Module()) is None

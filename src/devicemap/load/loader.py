@@ -27,8 +27,9 @@ from ..errors import DeviceNotPresent, DeviceOutOfMemory, LoadError, PlanMismatc
 from ..model import checkpoint
 from ..model.checkpoint import CheckpointIndex, TensorInfo
 from ..model.init import initialize
-from ..model.skeleton import Skeleton, build_skeleton
+from ..model.skeleton import Skeleton, build_skeleton, is_experts
 from ..plan.planner import Plan
+from ..run.experts import EXPERTS_ATTR, ExpertWeights
 from .convert import (
     ALIGN,
     KeyMap,
@@ -38,6 +39,7 @@ from .convert import (
     raise_on_mismatch,
     run_recipe,
 )
+from .experts import Pieces, expert_pieces, experts_recipes, leaf
 from .progress import Meter, progress_bar
 from .reader import ReadPool
 
@@ -108,11 +110,15 @@ def place(
     keys = map_checkpoint(model, index)
     raise_on_mismatch(keys, skeleton.source.name)
     job = _Job(model, plan, keys, where)
+    job.experts = _expert_sources(job)
     try:
         with progress_bar(_totals(job), progress) as meter, job.reads:  # no read outlives the pool
             cached = _offload(job, _offload_dir(offload_dir), skeleton, meter)
             for recipe in keys.recipes:
-                _place_recipe(job, recipe, cached, meter)
+                if not job.handled(recipe):
+                    _place_recipe(job, recipe, cached, meter)
+            for name, pieces in job.experts.items():
+                _place_experts(job, name, pieces, meter)
             job.reads.wait()
         _finish(job, skeleton)
     except BaseException:
@@ -198,6 +204,8 @@ class _Job:
     reader: _Reader = field(init=False)
     before: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
     maps: dict[Path, mmap.mmap] = field(default_factory=dict)  # private maps, see private_map
+    # experts modules kept as per-expert checkpoint tensors: name -> {target leaf: pieces}
+    experts: dict[str, dict[str, Pieces]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.reader = _Reader(self.reads)
@@ -252,10 +260,16 @@ class _Job:
     def keys_on(self, device: Device) -> list[str]:
         return [k for r in self.keys.recipes for k in r.targets if self.where[k].storage == device]
 
+    def handled(self, recipe: Recipe) -> bool:
+        """The recipe makes fused experts kept as per-expert tensors instead."""
+        return any(t.rsplit(".", 1)[0] in self.experts for t in recipe.targets)
+
     def undo(self) -> None:
         """Put every tensor back as it was (meta), so no device memory stays held."""
         for table, name, value in self.before:
             table[name] = value
+        for module in self.model.modules():
+            module.__dict__.pop(EXPERTS_ATTR, None)
         self.loaded.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -421,7 +435,9 @@ def _offload(job: _Job, directory: Path, skeleton: Skeleton, meter: Meter) -> di
         key: recipe
         for recipe in job.keys.recipes
         for key in recipe.targets
-        if job.where[key].storage == DISK and not _zero_copy(job, recipe, key)
+        if job.where[key].storage == DISK
+        and not _zero_copy(job, recipe, key)
+        and not job.handled(recipe)
     }
     if not todo:
         return {}
@@ -433,6 +449,57 @@ def _offload(job: _Job, directory: Path, skeleton: Skeleton, meter: Meter) -> di
         cache.write(_converted(job, todo, meter))
         checkpoint.close_mmaps()  # a map cached for an older file at that path must go
     return dict(cache.tensors)
+
+
+def _expert_sources(job: _Job) -> dict[str, dict[str, Pieces]]:
+    """Experts modules stored on cpu/disk and computed by the CPU whose every parameter is
+    a concatenation of the checkpoint's per-expert tensors in the plan's dtype."""
+    modules = {
+        name: module
+        for name, module in job.model.named_modules()
+        if name in job.plan.device_map and is_experts(module)
+    }
+    found: dict[str, dict[str, Pieces]] = {}
+    for name, recipes in experts_recipes(job.keys.recipes, modules).items():
+        where = job.where[recipes[0].targets[0]]
+        params = {f"{name}.{p}" for p, _ in modules[name].named_parameters(recurse=False)}
+        made = {t for r in recipes for t in r.targets}
+        if where.storage not in (CPU, DISK) or where.execute != CPU or made != params:
+            continue
+        pieces = {}
+        for recipe in recipes:
+            target = recipe.targets[0]
+            fit = expert_pieces(recipe, tuple(job.like(target).shape), job.model)
+            if fit is None or any(
+                i.dtype != job.dtype(target) or i.offset < 0 for parts in fit for i in parts
+            ):
+                break
+            pieces[leaf(target)] = fit
+        else:
+            found[name] = pieces
+    return found
+
+
+def _place_experts(job: _Job, name: str, pieces: dict[str, Pieces], meter: Meter) -> None:
+    """Each expert's tensors as views of the checkpoint (copy-on-write), or beside a disk
+    tier for cpu-stored experts read into ordinary RAM; the fused parameters stay on meta."""
+    storage = job.where[f"{name}.{next(iter(pieces))}"].storage
+    in_ram = storage == CPU and job.streams_disk
+
+    def tensor(info: TensorInfo) -> torch.Tensor:
+        if in_ram:
+            out = _empty(info, job, name)
+            job.reads.start(info, out, done=lambda n: meter.advance(CPU, n))
+            return out
+        meter.advance(storage, info.nbytes)
+        return checkpoint.tensor_view(info, mapping=job.private_map(info.file))
+
+    parts = {key: [tuple(tensor(i) for i in p) for p in per] for key, per in pieces.items()}
+    module = job.model.get_submodule(name)
+    module.__dict__[EXPERTS_ATTR] = ExpertWeights(parts)
+    job.loaded[storage] = job.loaded.get(storage, 0) + sum(
+        i.nbytes for per in pieces.values() for p in per for i in p
+    )
 
 
 def _fingerprint(job: _Job, skeleton: Skeleton, todo: Mapping[str, Recipe]) -> str:
@@ -486,7 +553,9 @@ def _finish(job: _Job, skeleton: Skeleton) -> None:
     if tie is not None and getattr(model, "all_tied_weights_keys", None) is not None:
         tie(missing_keys=set(job.keys.not_loaded), recompute_mapping=False)
     _regenerate(job)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    kept = tuple(f"{name}." for name in job.experts)  # fused experts kept as pieces: meta
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    left = [n for n, t in tensors if t.is_meta and not n.startswith(kept)]
     if left:
         raise LoadError(f"nothing in the checkpoint filled {', '.join(left[:8])}")
     model.eval()

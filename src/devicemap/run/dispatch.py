@@ -38,7 +38,10 @@ from torch.utils.hooks import RemovableHandle
 from ..devices import Device, parse_device
 from ..errors import LoadError, PlanError, UnknownDevice
 from ..model.checkpoint import close_mmaps
+from ..model.skeleton import is_experts
 from ..plan.planner import Plan
+from . import experts
+from .experts import EXPERTS_ATTR
 from .mover import Mover, first_device
 from .offload import BlockWeights, GpuStreamer, Offload, PagePrefetcher, block_weights
 
@@ -141,9 +144,12 @@ def attach(
         state.offloads = list({id(o): o for o in offloads.values()}.values())
         _hook_entries(model, modules, state)
         for name, module in modules.items():
-            move = name in hooked and module is not model  # the model: entry hooks move
+            # the model: entry hooks move; routed experts move their tokens themselves
+            move = name in hooked and module is not model and not is_experts(module)
             _hook_block(name, module, state, move=move, off=offloads.get(name))
         _hook_aliases(model, modules, state, offloads)
+        if any(is_experts(m) for m in modules.values()):
+            experts.select(model)  # computed where they are stored, only those routed to
     except BaseException:
         release(model, drop_weights=False)
         raise
@@ -189,10 +195,13 @@ def _check_storage(
     bad = []
     for name, module in modules.items():
         want = layout.storage[name].torch()
+        kept = _kept_as_pieces(module)  # fused experts the loader kept as per-expert tensors
         wrong = [
             f"{name}.{pname} on {tensor.device}"
             for pname, tensor in (*module.named_parameters(), *module.named_buffers())
-            if tensor.device != want and not _is_runtime_buffer(module, pname, layout, name)
+            if tensor.device != want
+            and not _is_runtime_buffer(module, pname, layout, name)
+            and not (kept and tensor.is_meta)
         ]
         if wrong:
             more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
@@ -207,6 +216,10 @@ def _check_storage(
             f"weights of {len(bad)} block(s) are not on the storage device the plan gives"
             f" them: {'; '.join(bad)}. Load the model with devicemap.load, which places them"
         )
+
+
+def _kept_as_pieces(module: torch.nn.Module) -> bool:
+    return any(EXPERTS_ATTR in m.__dict__ for m in module.modules())
 
 
 def _is_runtime_buffer(module: torch.nn.Module, pname: str, layout: Layout, name: str) -> bool:
@@ -384,6 +397,9 @@ def release(model: torch.nn.Module, *, drop_weights: bool = True) -> None:
     state: _Dispatched | None = model.__dict__.pop(_STATE, None)
     if state is not None:
         _detach(model, state)
+        experts.unselect(model)
+    for module in model.modules():
+        module.__dict__.pop(EXPERTS_ATTR, None)  # the per-expert views of the checkpoint
     if drop_weights:
         _to_meta(model)
         close_mmaps()  # the loader's cached file maps; each unmaps once no tensor uses it

@@ -1,0 +1,206 @@
+"""Routed experts computed where they are stored, reading only the experts the router picked.
+
+devicemap registers one function with transformers' experts interface
+(`ALL_EXPERTS_FUNCTIONS["devicemap"]`) and selects it on models whose MoE layers it placed
+by expert; the experts' `forward` stays transformers' own. The function
+
+- moves the routed tokens' hidden states (a few KB) to the device the experts are stored
+  on, computes there, and returns the result on the device the layer runs on: experts in
+  RAM are computed by the CPU while attention runs on the GPU, never copied to it;
+- for experts held as the checkpoint's own per-expert tensors (`ExpertWeights`, memory-mapped
+  pages of the file, no fused copy), touches only the selected experts: their pages are
+  faulted in together as soon as the router has chosen (one MADV_POPULATE_READ per tensor),
+  then each selected expert is one matmul per projection;
+- otherwise (the fused 3-D parameters transformers builds) calls the implementation the
+  model had (grouped_mm by default).
+
+The per-expert arithmetic is grouped_mm's, step for step: tokens sorted by expert, one
+matmul per expert, gate, down projection, routing weights, the same order of the sums, so
+logits are bit-equal to transformers' own (a matmul against [gate; up] equals the two
+matmuls side by side, checked in tests/test_experts.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .pages import fault_in, page_ranges
+
+NAME = "devicemap"
+EXPERTS_ATTR = "_devicemap_experts"  # an experts module's ExpertWeights, set by the loader
+_ORIGINAL = "_devicemap_original_experts"  # the implementation the model had, on its config
+
+
+@dataclass
+class ExpertWeights:
+    """One MoE layer's routed experts as per-expert tensors (checkpoint views).
+
+    `parts[target][e]`: the tensors whose concatenation along their first (output) dim is
+    the fused parameter `target` of expert `e` (gate_up_proj: gate and up; down_proj: down).
+    """
+
+    parts: dict[str, list[tuple[torch.Tensor, ...]]]
+    reads: int = 0  # experts faulted in so far (tests and benchmarks count them)
+    fetched: int = 0  # bytes of those experts
+    touched: set[int] = field(default_factory=set)  # experts ever computed
+
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.parts.values()))[0][0]
+        return first.device
+
+    def tensors(self, experts: Sequence[int]) -> list[torch.Tensor]:
+        return [t for parts in self.parts.values() for e in experts for t in parts[e]]
+
+    def nbytes(self, experts: Sequence[int]) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors(experts))
+
+
+def register() -> None:
+    """Add devicemap's function to transformers' experts interface (once)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(NAME, experts_forward)
+
+
+def select(model: torch.nn.Module) -> None:
+    """Compute `model`'s routed experts with devicemap's function, remembering its own: on
+    the config each experts module reads (a VLM's text and vision towers have their own)."""
+    register()
+    configs: list[Any] = [_experts_config(m) for m in model.modules()]
+    for config in {id(c): c for c in configs if c is not None}.values():
+        current = config._experts_implementation
+        if current != NAME:
+            config.__dict__[_ORIGINAL] = current
+        config._experts_implementation_internal = NAME
+
+
+def unselect(model: torch.nn.Module) -> None:
+    """Give `model` back the experts implementation it had."""
+    for module in model.modules():
+        config = _experts_config(module)
+        if config is not None and _ORIGINAL in config.__dict__:
+            config._experts_implementation_internal = config.__dict__.pop(_ORIGINAL)
+
+
+def _experts_config(module: torch.nn.Module) -> Any:
+    if hasattr(module, "is_concatenated") and hasattr(module, "config"):
+        return module.config
+    return None
+
+
+def experts_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,  # [T, H]
+    top_k_index: torch.Tensor,  # [T, K]
+    top_k_weights: torch.Tensor,  # [T, K]
+) -> torch.Tensor:
+    """The experts of one MoE layer for T tokens, computed where the experts are stored."""
+    home = hidden_states.device
+    source: ExpertWeights | None = self.__dict__.get(EXPERTS_ATTR)
+    where = source.device if source is not None else _weights_device(self)
+    hidden, index, weights = (t.to(where) for t in (hidden_states, top_k_index, top_k_weights))
+    if source is not None:
+        out = _per_expert(self, source, hidden, index, weights)
+    else:
+        out = _original(self)(self, hidden, index, weights)
+    return out.to(home)
+
+
+def _weights_device(module: torch.nn.Module) -> torch.device:
+    for param in module.parameters(recurse=False):
+        if not param.is_meta:
+            return param.device
+    return torch.device("cpu")
+
+
+def _original(module: torch.nn.Module) -> Any:
+    """The implementation the model had: one from the interface, or the class's own eager."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    name = module.config.__dict__.get(_ORIGINAL, "grouped_mm")
+    if name != "eager" and name in ALL_EXPERTS_FUNCTIONS:
+        return ALL_EXPERTS_FUNCTIONS[name]
+    return type(module).forward.__wrapped__  # type: ignore[attr-defined]
+
+
+def _per_expert(
+    self: Any,
+    source: ExpertWeights,
+    hidden_states: torch.Tensor,  # [T, H]
+    top_k_index: torch.Tensor,  # [T, K]
+    top_k_weights: torch.Tensor,  # [T, K]
+) -> torch.Tensor:
+    """grouped_mm_experts_forward, with each expert's matmuls on its own checkpoint tensors."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)  # [S], S = T x K
+    expert_ids = top_k_index.reshape(-1)  # [S]
+    expert_ids_g, perm = torch.sort(expert_ids)
+    selected = hidden_states[perm // num_top_k]  # [S, H], grouped by expert
+    sample_weights_g = sample_weights[perm]
+    groups = _groups(expert_ids_g)  # [(expert, start, end)]
+    _fetch(source, [e for e, _, _ in groups])
+    first = "gate_up_proj" if self.has_gate else "up_proj"
+    proj = _linear(selected, source, first, groups, self)  # [S, 2I] or [S, I]
+    proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)  # [S, I]
+    proj = _linear(proj, source, "down_proj", groups, self)  # [S, H]
+    if self.has_post_expert_norm:
+        proj = self.post_expert_norm(proj)
+    weighted = proj * sample_weights_g.unsqueeze(-1)  # [S, H]
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted = weighted[inverse]
+    out = weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)  # [T, H]
+    return out.to(hidden_states.dtype)
+
+
+def _groups(sorted_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of each run of one expert in the sorted ids."""
+    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    groups, start = [], 0
+    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
+        groups.append((int(expert), start, start + int(count)))
+        start += int(count)
+    return groups
+
+
+def _fetch(source: ExpertWeights, experts: list[int]) -> None:
+    """The selected experts' pages, read together before the first is computed."""
+    fault_in(page_ranges(source.tensors(experts)))
+    source.reads += len(experts)
+    source.fetched += source.nbytes(experts)
+    source.touched.update(experts)
+
+
+def _linear(
+    x: torch.Tensor,  # [S, in]
+    source: ExpertWeights,
+    target: str,
+    groups: list[tuple[int, int, int]],
+    module: Any,
+) -> torch.Tensor:
+    """x @ W[e].T for each expert's rows (W[e]: the concatenation of its parts), as
+    grouped_mm's _grouped_linear computes it; the bias row of each sample added."""
+    parts = source.parts[target]
+    transposed = bool(getattr(module, "is_transposed", False))
+    width = sum(p.shape[-1 if transposed else 0] for p in parts[groups[0][0]]) if groups else 0
+    out = torch.zeros(x.size(0), width, dtype=parts[0][0].dtype, device=x.device)
+    for expert, start, end in groups:
+        rows = x[start:end].to(out.dtype)
+        pieces = [rows @ (p if transposed else p.T) for p in parts[expert]]
+        out[start:end] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+    bias = source.parts.get(f"{target}_bias")
+    if bias is not None:
+        out.add_(torch.cat([_bias_rows(bias[e], end - start) for e, start, end in groups]))
+    return out
+
+
+def _bias_rows(pieces: tuple[torch.Tensor, ...], rows: int) -> torch.Tensor:
+    bias = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return bias.unsqueeze(0).expand(rows, -1)
