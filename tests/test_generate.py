@@ -175,6 +175,26 @@ def test_greedy_stream_equals_generate(model: Any, tok: Any) -> None:
     assert reply.prefill_s > 0 and reply.decode_s > 0 and reply.tokens_per_s > 0
 
 
+def test_invalid_bytes_still_stream(model: Any, tok: Any) -> None:
+    # a random model stuck on one UTF-8 continuation byte: every prefix of its reply ends in
+    # U+FFFD; the text must still come out as it goes, not all at once at the end
+    byte = next(i for i in range(3, len(tok)) if tok.decode([i, i, i, i, i]) == "\ufffd" * 5)
+
+    def always(_module: Any, _args: Any, logits: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(logits, -1e4)
+        forced[..., byte] = 0
+        return forced
+
+    handle = model.lm_head.register_forward_hook(always)
+    try:
+        stream = stream_reply(model, tok, build_prompt(tok, "x"), Sampling(max_new_tokens=40))
+        pieces = list(stream)
+    finally:
+        handle.remove()
+    assert stream.reply.token_ids == (byte,) * 40
+    assert len(pieces) >= 5 and "".join(pieces) == stream.reply.text == "\ufffd" * 40
+
+
 def test_seeded_sampling_is_reproducible(model: Any, tok: Any) -> None:
     ids = build_prompt(tok, "once upon a time")
 

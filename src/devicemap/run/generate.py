@@ -24,6 +24,7 @@ from ..errors import BadOption, ContextTooLong
 
 Message = Mapping[str, str]  # {"role": "user" | "assistant" | "system", "content": text}
 FinishReason = Literal["stop", "length", "interrupted"]
+_HOLD_TOKENS = 4  # tokens a piece ending in U+FFFD waits for the rest of its character
 
 _POLL_S = 0.1  # seconds between checks of the token queue; keeps Ctrl-C prompt on every OS
 _CONTEXT_STEP = 256  # tokens; suggested --context values are rounded up to this
@@ -255,6 +256,7 @@ class ReplyStream(Iterator[str]):
         self._ids: list[int] = []
         self._times: list[float] = []  # perf_counter of each new token
         self._shown = ""  # text already handed out
+        self._held = 0  # tokens since text was last handed out
         self._reply: Reply | None = None
         self._callbacks: list[Callable[[Reply], None]] = []
         self._streamer = _TokenQueue()
@@ -351,11 +353,15 @@ class ReplyStream(Iterator[str]):
         self._times.extend([when] * len(ids))
 
     def _new_text(self) -> str:
-        """Text decoded since the last piece; held back while it ends in a partial character."""
+        """Text decoded since the last piece; held back while it ends in what may be a partial
+        character, for at most _HOLD_TOKENS tokens (a UTF-8 character needs at most 3 more
+        bytes): a reply of invalid bytes still streams instead of appearing only at its end."""
         text = self._decode()
-        if text.endswith("\ufffd") or not text.startswith(self._shown):
+        partial = text.endswith("\ufffd") and self._held < _HOLD_TOKENS
+        if partial or not text.startswith(self._shown):
+            self._held += 1
             return ""
-        piece, self._shown = text[len(self._shown) :], text
+        piece, self._shown, self._held = text[len(self._shown) :], text, 0
         return piece
 
     def _decode(self) -> str:
