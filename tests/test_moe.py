@@ -7,6 +7,7 @@ machine does not have."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,45 @@ def test_only_the_routed_experts_are_read(tmp_path: Path) -> None:
     for handle in handles:
         handle.remove()
     assert [s.touched for s in sources] == routed and all(len(r) <= 2 for r in routed)
+    devicemap.release(model)
+
+
+class _Recording:
+    """libc, with the madvise calls recorded (and still made)."""
+
+    def __init__(self, libc: Any):
+        self.libc, self.calls = libc, []
+
+    def madvise(self, start: int, length: int, advice: int) -> int:
+        self.calls.append((start, length, advice))
+        return int(self.libc.madvise(start, length, advice))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.libc, name)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise")
+def test_a_cold_layer_asks_for_exactly_the_routed_experts_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a fault in a file mapping reads the kernel's read-around window (8 MiB on some disks)
+    # around it; the selected experts are asked for first (MADV_WILLNEED reads exactly the
+    # span given), so the faults find them cached and read no neighbour
+    from devicemap.run import pages
+    from devicemap.run.experts import EXPERTS_ATTR
+
+    model, _ = experts_on_disk("qwen3_moe", tmp_path)
+    sources = [m.__dict__[EXPERTS_ATTR] for m in model.modules() if EXPERTS_ATTR in m.__dict__]
+    libc = _Recording(pages._LIBC)
+    monkeypatch.setattr(pages, "_LIBC", libc)
+    monkeypatch.setattr(pages, "any_missing", lambda *_: True)  # as if nothing were cached
+    with torch.no_grad():
+        model(IDS[:, :1])  # one token: 2 of the 4 experts of each layer
+    asked = [(a, n) for a, n, advice in libc.calls if advice == pages.MADV_WILLNEED]
+    chosen = [span for s in sources for e in sorted(s.touched) for span in s.pages(e).spans]
+    assert sorted(asked) == sorted(chosen) and all(len(s.touched) == 2 for s in sources)
+    populated = [(a, n) for a, n, advice in libc.calls if advice == pages.MADV_POPULATE_READ]
+    assert sorted(populated) == sorted(chosen)  # and mapped in, the same spans
     devicemap.release(model)
 
 

@@ -8,16 +8,17 @@ by expert; the experts' `forward` stays transformers' own. The function
   on, computes there, and returns the result on the device the layer runs on: experts in
   RAM are computed by the CPU while attention runs on the GPU, never copied to it;
 - for experts held as the checkpoint's own per-expert tensors (`ExpertWeights`, memory-mapped
-  pages of the file, no fused copy), touches only the selected experts: their pages are
-  faulted in together as soon as the router has chosen (one MADV_POPULATE_READ per tensor),
-  then each selected expert is one matmul per projection;
+  pages of the file, no fused copy), touches only the selected experts: as soon as the
+  router has chosen, the missing ones are asked for together with MADV_WILLNEED on exactly
+  their bytes (no read-around window pulling in unselected neighbours) and mapped in with
+  MADV_POPULATE_READ, then each selected expert is one matmul per projection;
 - otherwise (the fused 3-D parameters transformers builds) calls the implementation the
   model had (grouped_mm by default).
 
 The per-expert arithmetic is grouped_mm's, step for step: tokens sorted by expert, one
 matmul per expert, gate, down projection, routing weights, the same order of the sums, so
 logits are bit-equal to transformers' own (a matmul against [gate; up] equals the two
-matmuls side by side, checked in tests/test_experts.py).
+matmuls side by side, checked in tests/test_moe.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .pages import fault_in, page_ranges
+from .pages import Pages, fault_in, merged, page_ranges
 
 NAME = "devicemap"
 EXPERTS_ATTR = "_devicemap_experts"  # an experts module's ExpertWeights, set by the loader
@@ -47,6 +48,13 @@ class ExpertWeights:
     reads: int = 0  # experts faulted in so far (tests and benchmarks count them)
     fetched: int = 0  # bytes of those experts
     touched: set[int] = field(default_factory=set)  # experts ever computed
+    _pages: dict[int, Pages] = field(default_factory=dict, repr=False)  # per expert, cached
+
+    def pages(self, expert: int) -> Pages:
+        """Where expert `expert`'s tensors lie in memory (computed once)."""
+        if expert not in self._pages:
+            self._pages[expert] = page_ranges(self.tensors([expert]))
+        return self._pages[expert]
 
     @property
     def device(self) -> torch.device:
@@ -172,7 +180,7 @@ def _groups(sorted_ids: torch.Tensor) -> list[tuple[int, int, int]]:
 
 def _fetch(source: ExpertWeights, experts: list[int]) -> None:
     """The selected experts' pages, read together before the first is computed."""
-    fault_in(page_ranges(source.tensors(experts)))
+    fault_in(merged(source.pages(e) for e in experts), exact=True)
     source.reads += len(experts)
     source.fetched += source.nbytes(experts)
     source.touched.update(experts)
