@@ -17,7 +17,7 @@ import transformers as tf
 
 import devicemap
 from devicemap.devices import parse_device
-from devicemap.errors import PinError
+from devicemap.errors import DoesNotFit, PinError
 from devicemap.model.skeleton import build_skeleton
 from devicemap.plan.planner import Plan, plan_from_json
 
@@ -101,6 +101,18 @@ def test_glob_pins_put_every_layers_experts_on_cpu(qwen3_30b: Any) -> None:
     assert set(experts_of(plan).values()) == {"cpu"} and set(attention_of(plan).values()) == {0}
     with pytest.raises(PinError, match=r"did you mean 'model\.layers"):
         devicemap.plan(qwen3_30b, max_memory={0: "80GiB"}, pins={"model.layerz.*": "cpu"})
+
+
+def test_experts_pinned_past_the_gpu_say_how_many_layers_fit(qwen3_30b: Any) -> None:
+    budgets = {0: "24GiB", "cpu": "64GiB"}
+    with pytest.raises(DoesNotFit) as caught:
+        devicemap.plan(qwen3_30b, max_memory=budgets, pins={"model.layers.*.mlp.experts": 0})
+    auto = devicemap.plan(qwen3_30b, max_memory=budgets)
+    fit = sum(1 for v in experts_of(auto).values() if v == 0)
+    assert 0 < fit < 48
+    message = str(caught.value)
+    assert f"the routed experts of {fit} layers (model.layers.0-{fit - 1}) fit on cuda:0" in message
+    assert "not the 48 pinned there (model.layers.*.mlp.experts)" in caught.value.suggestions[0]
 
 
 # --- tiny MoE models of every family: placed by expert, equal to transformers ------------

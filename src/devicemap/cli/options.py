@@ -76,6 +76,16 @@ ImagesOpt = Annotated[
         " Default: 1 for a vision-language model (run: the --image files given), else 0.",
     ),
 ]
+ExpertCacheOpt = Annotated[
+    int,
+    typer.Option(
+        "--expert-cache",
+        min=0,
+        help="Slots per GPU for routed experts stored in RAM or on disk, copied in"
+        " least-recently-used and computed on the GPU (MoE models, CUDA). 0: none, experts"
+        " off the GPUs are computed by the CPU.",
+    ),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -104,6 +114,7 @@ class PlanChoices:
     offload_exec: OffloadExecOpt = "gpu"
     logits: LogitsOpt = "last"
     images: ImagesOpt = None
+    expert_cache: ExpertCacheOpt = 0
     trust_remote_code: TrustOpt = False
 
     def make_plan(
@@ -124,6 +135,7 @@ class PlanChoices:
             logits=cast(Logits, self.logits),
             trust_remote_code=self.trust_remote_code,
             images=images if self.images is None else self.images,
+            expert_cache=self.expert_cache,
         )
 
 

@@ -27,11 +27,15 @@ def render_plan(result: Plan, console: Console) -> None:
 def usage_table(result: Plan) -> Table:
     table = Table(title="memory per device", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0))
     table.add_column("device")
-    for column in ("budget", "weights", "KV", "workspace", "logits", "staging", "free"):
+    pool = any(u.expert_cache for u in result.devices)  # a column only when there is one
+    columns = ("budget", "weights", "KV", "workspace", "logits", "staging")
+    for column in (*columns, *(("expert cache",) if pool else ()), "free"):
         table.add_column(column, justify="right")
     table.add_column("used", no_wrap=True)
     for u in result.devices:
-        sizes = (u.budget, u.weights, u.kv_cache, u.workspace, u.logits, u.staging, u.free)
+        sizes = [u.budget, u.weights, u.kv_cache, u.workspace, u.logits, u.staging]
+        sizes += [u.expert_cache] if pool else []
+        sizes.append(u.free)
         table.add_row(str(u.device), *map(short_size, sizes), usage_bar(u.used, u.budget))
     return table
 

@@ -69,6 +69,12 @@ class Block:
     # shared experts) are that layer's dense part and always share a device
     layer: str | None = None
     experts: bool = False  # the layer's routed experts (stored anywhere, computed there)
+    expert_count: int = 0  # how many routed experts that block holds
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert (the slot an expert cache gives it)."""
+        return self.nbytes // self.expert_count if self.expert_count else 0
 
     @property
     def loose(self) -> bool:
@@ -336,9 +342,19 @@ def make_blocks(
                 audio_tokens=audio_tokens(cfg) if part.no_split and cfg is not config else 0,
                 layer=layers.get(id(part.layer)) if part.layer is not None else None,
                 experts=part.experts,
+                expert_count=_expert_count(part.module) if part.experts else 0,
             )
         )
     return tuple(blocks)
+
+
+def _expert_count(module: torch.nn.Module) -> int:
+    """Routed experts in an experts module: its `num_experts`, else its 3-D weights' first dim."""
+    count = getattr(module, "num_experts", None)
+    if isinstance(count, int) and count > 0:
+        return count
+    shapes = [p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3]
+    return int(shapes[0]) if shapes else 0
 
 
 def _image_tokens(owners: dict[int, Any], config: Any, root: Path | None) -> dict[int, int]:

@@ -24,6 +24,9 @@ class PlanOptions:
     offload_exec: OffloadExec = "gpu"  # where cpu/disk-stored blocks run: first GPU, or CPU
     logits: Logits = "last"  # logits kept per prefill: the last token's (generate) or all
     images: int = 0  # images per prompt a vision tower's workspace is planned for
+    # slots of the GPU expert cache on each GPU (run/expert_cache.py): routed experts stored
+    # in RAM or on disk, copied in least-recently-used to be computed on the GPU; 0 = none
+    expert_cache: int = 0
 
     def logits_tokens(self, context: int | None = None) -> int:
         """Tokens per sequence whose logits exist at once."""

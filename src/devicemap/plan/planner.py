@@ -10,6 +10,7 @@ max_context), explains it, and saves and loads plans as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from ..devices import CPU, Device, DeviceLike, SizeLike, format_size, parse_device
-from ..errors import DevicemapError, PinError, PlanError, PlanMismatch
+from ..errors import BadOption, DevicemapError, PinError, PlanError, PlanMismatch
 from ..model.config import dtype_name
 from ..model.skeleton import Block, Skeleton, build_skeleton
 from .options import Logits, OffloadExec, PlanOptions, Strategy
@@ -54,10 +55,14 @@ class DeviceUsage:
     workspace: int  # activations of the largest block executing here, at the prefill length
     logits: int  # fp32 logits, on the LM head's execution device
     staging: int  # buffers that receive offloaded blocks streamed in to execute here
+    expert_cache: int = 0  # the GPU's pool of routed-expert slots (PlanOptions.expert_cache)
 
     @property
     def used(self) -> int:
-        return self.weights + self.kv_cache + self.workspace + self.logits + self.staging
+        return (
+            self.weights + self.kv_cache + self.workspace + self.logits + self.staging
+            + self.expert_cache
+        )  # fmt: skip
 
     @property
     def free(self) -> int:
@@ -199,6 +204,7 @@ def _options_to_json(options: PlanOptions) -> dict[str, Any]:
         "offload_exec": options.offload_exec,
         "logits": options.logits,
         "images": options.images,
+        "expert_cache": options.expert_cache,
     }
 
 
@@ -212,19 +218,22 @@ def _options_from_json(data: dict[str, Any]) -> PlanOptions:
         offload_exec=data["offload_exec"],
         logits=data["logits"],
         images=int(data.get("images", 0)),  # plans saved before images were planned: none
+        expert_cache=int(data.get("expert_cache", 0)),
     )
 
 
 _USAGE_BYTES = ("budget", "weights", "kv_cache", "workspace", "logits", "staging")  # the fields
+_USAGE_OPTIONAL = ("expert_cache",)  # fields added since: 0 in plans saved before
 
 
 def _usage_to_json(usage: DeviceUsage) -> dict[str, Any]:
-    names = (*_USAGE_BYTES, "used", "free")  # the totals too, for readers of the JSON
+    names = (*_USAGE_BYTES, *_USAGE_OPTIONAL, "used", "free")  # totals too, for JSON readers
     return {"device": str(usage.device), **{name: getattr(usage, name) for name in names}}
 
 
 def _usage_from_json(data: dict[str, Any]) -> DeviceUsage:
     sizes = {name: int(data[name]) for name in _USAGE_BYTES}
+    sizes.update({name: int(data.get(name, 0)) for name in _USAGE_OPTIONAL})
     return DeviceUsage(device=parse_device(data["device"]), **sizes)
 
 
@@ -246,11 +255,13 @@ def plan(
     trust_remote_code: bool = False,
     logits: Logits = "last",
     images: int | None = None,
+    expert_cache: int = 0,
 ) -> Plan:
     """Plan where every part of `model` goes (a path, config.json, hub id or Skeleton).
 
     `images`: images per prompt the vision tower's workspace is planned for (default: 1 for
-    a model with a vision tower that says its image size, else 0)."""
+    a model with a vision tower that says its image size, else 0). `expert_cache`: slots per
+    GPU for routed experts stored off the GPUs, copied in least-recently-used (0: none)."""
     from ..devices import resolve_budgets  # the only part that may look at this machine
 
     skeleton = _skeleton_of(model, dtype, no_split, trust_remote_code)
@@ -263,6 +274,7 @@ def plan(
         offload_exec=offload_exec,
         logits=logits,
         images=default_images(skeleton) if images is None else images,
+        expert_cache=expert_cache,
     )
     return make_plan(skeleton, budgets, options)
 
@@ -321,6 +333,8 @@ def _check_options(skeleton: Skeleton, budgets: Mapping[Device, int], options: P
     ]
     if not isinstance(options.images, int) or options.images < 0:
         problems.append(f"images must be 0 or more per prompt, not {options.images!r}")
+    if not isinstance(options.expert_cache, int) or options.expert_cache < 0:
+        problems.append(f"expert_cache must be 0 or more slots, not {options.expert_cache!r}")
     unsized = [b.name for b in skeleton.blocks if b.image_tokens < 0]
     if unsized and isinstance(options.images, int) and options.images > 0:
         problems.append(
@@ -360,12 +374,23 @@ def make_plan(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOp
     """Place every block; pure: same input -> same plan, linear in the number of blocks."""
     _check_options(skeleton, budgets, options)
     budgets = dict(sorted(budgets.items(), key=lambda item: item[0].sort_key))
-    placed = place(skeleton, budgets, options)
+    pool = expert_pool(skeleton, budgets, options)
+    placed = place(skeleton, {d: b - pool.get(d, 0) for d, b in budgets.items()}, options)
+    if pool and placed.fill.ok and not _experts_off_gpu(placed.layout, placed.stored):
+        pool = {}  # every expert fits on the GPUs: no pool needed, and its room is free
+        placed = place(skeleton, budgets, options)
     if not placed.fill.ok:
         raise does_not_fit(placed)
     lay, stored = placed.layout, placed.stored
     tallies = _tallies(lay, stored)
-    devices = tuple(tallies[d].usage(d, budgets[d], options, options.context) for d in budgets)
+    devices = tuple(
+        dataclasses.replace(
+            tallies[d].usage(d, budgets[d] - pool.get(d, 0), options, options.context),
+            budget=budgets[d],
+            expert_cache=pool.get(d, 0),
+        )
+        for d in budgets
+    )
     for usage in devices:  # the fill's loads bound these from above
         assert usage.used <= usage.budget, f"planner exceeded the budget of {usage.device}"
     blocks = skeleton.blocks
@@ -383,6 +408,37 @@ def make_plan(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOp
         order=skeleton.order,
         reasons=_reasons(placed, devices, tallies),
     )
+
+
+def expert_pool(
+    skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions
+) -> dict[Device, int]:
+    """Bytes of the expert cache on each GPU: `options.expert_cache` slots of the largest
+    routed expert; none without GPUs or routed experts."""
+    slot = max((b.expert_bytes for b in skeleton.blocks if b.experts), default=0)
+    if not options.expert_cache or not slot:
+        return {}
+    size = options.expert_cache * _slot_bytes(slot)
+    pool = {d: size for d in budgets if d.is_gpu}
+    for device, nbytes in pool.items():
+        if nbytes > budgets[device]:
+            fit = budgets[device] // _slot_bytes(slot)
+            raise BadOption(
+                f"an expert cache of {options.expert_cache} slots x {format_size(slot)} needs"
+                f" {format_size(nbytes)} on {device}, whose budget is"
+                f" {format_size(budgets[device])}; use --expert-cache {fit} or fewer"
+            )
+    return pool
+
+
+def _slot_bytes(expert: int) -> int:
+    """A slot: one expert's tensors, each at a 256-byte offset (a few tensors per expert)."""
+    return expert + 8 * 256
+
+
+def _experts_off_gpu(lay: Layout, stored: list[Device]) -> bool:
+    blocks = lay.skeleton.blocks
+    return any(b.experts and not d.is_gpu for b, d in zip(blocks, stored, strict=True))
 
 
 @dataclass
@@ -544,6 +600,12 @@ def _device_line(lay: Layout, usage: DeviceUsage, stored: list[Device], kv_layer
             parts.append(f"{label} {format_size(value)}")
     if usage.staging:
         parts.append(f"staging {format_size(usage.staging)} for blocks streamed in")
+    if usage.expert_cache:
+        slots = lay.options.expert_cache
+        parts.append(
+            f"expert cache {format_size(usage.expert_cache)} ({slots} slots, filled"
+            " least-recently-used with routed experts stored off the GPUs)"
+        )
     return (
         " + ".join(parts) + f"; budget {format_size(usage.budget)}, free {format_size(usage.free)}"
     )

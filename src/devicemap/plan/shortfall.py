@@ -18,7 +18,17 @@ from ..errors import DoesNotFit
 from ..model.config import dtype_name
 from ..model.skeleton import Skeleton
 from .options import PlanOptions
-from .place import Fill, Layout, Placement, is_media, kv_bytes, list_names, media_bytes, place
+from .place import (
+    Fill,
+    Layout,
+    Placement,
+    is_media,
+    kv_bytes,
+    list_names,
+    media_bytes,
+    pin_covers,
+    place,
+)
 
 _GIB = 2**30
 
@@ -64,6 +74,8 @@ def does_not_fit(placed: Placement) -> DoesNotFit:
             f" {format_size(lay.budgets[device])}: {format_size(short)} short"
         )
     suggestions = _suggestions(lay)
+    if fill.failed is None and need <= have:
+        suggestions = (*_expert_suggestions(lay, fill.over[0]), *suggestions)
     advice = "; or ".join(suggestions) if suggestions else "give the devices larger budgets"
     return DoesNotFit(
         f"{sk.source.name} does not fit: {what}. To make it fit: {advice}",
@@ -99,6 +111,44 @@ def _suggestions(lay: Layout) -> tuple[str, ...]:
         found.append("--offload-exec cpu (run offloaded blocks on the CPU)")
     found += _memory_suggestions(lay)
     return tuple(found)
+
+
+def _expert_suggestions(lay: Layout, device: Device) -> list[str]:
+    """Routed experts pinned to an over-full `device`: how many layers' experts do fit."""
+    sk, opts = lay.skeleton, lay.options
+    pinned = [b for b in sk.blocks if b.experts and _pinned_to(opts, b) == device]
+    if not pinned:
+        return []
+    covering = {
+        p for p, d in opts.pins.items() if d == device and any(pin_covers(p, b) for b in pinned)
+    }
+    rest = {p: d for p, d in opts.pins.items() if p not in covering}
+    ordered = dict(sorted(lay.budgets.items(), key=lambda item: item[0].sort_key))
+    unpinned = place(sk, ordered, _at(opts, pins=rest))  # the automatic policy
+    if not unpinned.fill.ok:
+        return []
+    there = [
+        b.layer or b.name
+        for b, d in zip(sk.blocks, unpinned.stored, strict=True)
+        if b.experts and d == device
+    ]
+    pins = ", ".join(sorted(covering))
+    if not there:
+        return [
+            f"the routed experts of no layer fit on {device} beside the dense parts and the"
+            f" KV cache: drop the pin {pins}"
+        ]
+    return [
+        f"the routed experts of {len(there)} layers ({list_names(there)}) fit on {device}"
+        f" beside every layer's dense part and the KV cache, not the {len(pinned)} pinned"
+        f" there ({pins}): drop the pin and the planner puts those there"
+    ]
+
+
+def _pinned_to(options: PlanOptions, block: Any) -> Device | None:
+    """The device a pin puts `block` on (the longest matching pin wins, as in place)."""
+    matches = [(len(p), d) for p, d in options.pins.items() if pin_covers(p, block)]
+    return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
 def _memory_suggestions(lay: Layout) -> list[str]:

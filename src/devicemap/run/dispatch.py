@@ -40,7 +40,7 @@ from ..errors import LoadError, PlanError, UnknownDevice
 from ..model.checkpoint import close_mmaps
 from ..model.skeleton import is_experts
 from ..plan.planner import Plan
-from . import experts
+from . import expert_cache, experts
 from .experts import EXPERTS_ATTR
 from .mover import Mover, first_device
 from .offload import BlockWeights, GpuStreamer, Offload, PagePrefetcher, block_weights
@@ -57,6 +57,7 @@ class Layout:
     storage: Mapping[str, Device]
     execution: Mapping[str, Device]
     traced: bool = True  # False: `order` is registration order, not the traced forward order
+    expert_cache: int = 0  # slots of each GPU's pool for routed experts stored off the GPUs
 
 
 def layout_of(plan: Plan) -> Layout:
@@ -73,6 +74,7 @@ def layout_of(plan: Plan) -> Layout:
         storage={name: parse_device(plan.device_map[name]) for name in order},
         execution={name: parse_device(plan.exec_map[name]) for name in order},
         traced=plan.order == "forward",
+        expert_cache=plan.options.expert_cache,
     )
 
 
@@ -150,12 +152,29 @@ def attach(
         _hook_aliases(model, modules, state, offloads)
         if any(is_experts(m) for m in modules.values()):
             experts.select(model)  # computed where they are stored, only those routed to
+            _expert_caches(modules, layout)
     except BaseException:
         release(model, drop_weights=False)
         raise
     # where each block runs, for transformers (pipeline puts inputs on the first one)
     model.__dict__["hf_device_map"] = {n: layout.execution[n].map_value for n in layout.order}
     return model
+
+
+def _expert_caches(modules: Mapping[str, torch.nn.Module], layout: Layout) -> None:
+    """A pool of expert slots on each GPU that runs MoE layers whose routed experts are
+    stored off the GPUs (the GPU that runs the block just before them: their router)."""
+    if not layout.expert_cache:
+        return
+    by_gpu: dict[Device, list[tuple[str, torch.nn.Module]]] = {}
+    for i, name in enumerate(layout.order):
+        module = modules[name]
+        if is_experts(module) and not layout.storage[name].is_gpu and i > 0:
+            runs_on = layout.execution[layout.order[i - 1]]
+            if runs_on.is_gpu:
+                by_gpu.setdefault(runs_on, []).append((name, module))
+    for device, members in by_gpu.items():
+        expert_cache.install(members, device.torch(), layout.expert_cache)
 
 
 def _resolve(model: torch.nn.Module, layout: Layout) -> dict[str, torch.nn.Module]:
@@ -398,6 +417,7 @@ def release(model: torch.nn.Module, *, drop_weights: bool = True) -> None:
     if state is not None:
         _detach(model, state)
         experts.unselect(model)
+        expert_cache.uninstall(model)
     for module in model.modules():
         module.__dict__.pop(EXPERTS_ATTR, None)  # the per-expert views of the checkpoint
     if drop_weights:

@@ -23,7 +23,7 @@ matmuls side by side, checked in tests/test_moe.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,13 @@ from .pages import Pages, fault_in, merged, page_ranges
 
 NAME = "devicemap"
 EXPERTS_ATTR = "_devicemap_experts"  # an experts module's ExpertWeights, set by the loader
+# an experts module's (ExpertCache, its name, its ExpertWeights), set by dispatch
+CACHE_ATTR = "_devicemap_expert_cache"
 _ORIGINAL = "_devicemap_original_experts"  # the implementation the model had, on its config
+
+
+# target ("gate_up_proj") -> expert -> its tensors: per-expert weights wherever they are
+Parts = dict[str, dict[int, tuple[torch.Tensor, ...]]]
 
 
 @dataclass
@@ -44,7 +50,7 @@ class ExpertWeights:
     the fused parameter `target` of expert `e` (gate_up_proj: gate and up; down_proj: down).
     """
 
-    parts: dict[str, list[tuple[torch.Tensor, ...]]]
+    parts: Mapping[str, Sequence[tuple[torch.Tensor, ...]]]
     reads: int = 0  # experts faulted in so far (tests and benchmarks count them)
     fetched: int = 0  # bytes of those experts
     touched: set[int] = field(default_factory=set)  # experts ever computed
@@ -57,6 +63,11 @@ class ExpertWeights:
         return self._pages[expert]
 
     @property
+    def count(self) -> int:
+        """How many experts."""
+        return len(next(iter(self.parts.values())))
+
+    @property
     def device(self) -> torch.device:
         first = next(iter(self.parts.values()))[0][0]
         return first.device
@@ -66,6 +77,15 @@ class ExpertWeights:
 
     def nbytes(self, experts: Sequence[int]) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors(experts))
+
+    @classmethod
+    def of_fused(cls, module: torch.nn.Module) -> ExpertWeights | None:
+        """An experts module's fused 3-D parameters seen expert by expert (views, no copy);
+        None while they are on meta (kept as pieces, or not loaded)."""
+        fused = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() >= 2}
+        if not fused or any(p.is_meta for p in fused.values()):
+            return None
+        return cls({n: [(p[e],) for e in range(p.shape[0])] for n, p in fused.items()})
 
 
 def register() -> None:
@@ -111,13 +131,37 @@ def experts_forward(
     """The experts of one MoE layer for T tokens, computed where the experts are stored."""
     home = hidden_states.device
     source: ExpertWeights | None = self.__dict__.get(EXPERTS_ATTR)
+    cached = self.__dict__.get(CACHE_ATTR)
+    if cached is not None and cached[0].device == home:  # a GPU's pool of expert slots
+        out = _from_cache(self, cached, hidden_states, top_k_index, top_k_weights)
+        if out is not None:
+            return out
     where = source.device if source is not None else _weights_device(self)
     hidden, index, weights = (t.to(where) for t in (hidden_states, top_k_index, top_k_weights))
     if source is not None:
-        out = _per_expert(self, source, hidden, index, weights)
+        out = _per_expert(self, source.parts, lambda e: _fetch(source, e), hidden, index, weights)
     else:
         out = _original(self)(self, hidden, index, weights)
     return out.to(home)
+
+
+def _from_cache(
+    self: torch.nn.Module,
+    cached: tuple[Any, str, ExpertWeights],
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor | None:
+    """Computed on the cache's device from its slots (copied in where missing); None when
+    this step selects more experts than the pool has slots."""
+    cache, layer, source = cached
+    wanted = sorted(set(top_k_index.reshape(-1).tolist()))
+    if len(wanted) > cache.slots:
+        cache.stats.uncached += 1
+        return None
+    held = cache.take(layer, source, wanted)
+    source.touched.update(wanted)
+    return _per_expert(self, held, lambda _: None, hidden_states, top_k_index, top_k_weights)
 
 
 def _weights_device(module: torch.nn.Module) -> torch.device:
@@ -139,12 +183,13 @@ def _original(module: torch.nn.Module) -> Any:
 
 def _per_expert(
     self: Any,
-    source: ExpertWeights,
+    parts: Mapping[str, Any],  # target -> expert -> its tensors (Parts, or ExpertWeights.parts)
+    fetch: Callable[[list[int]], None],  # called with the selected experts before any is used
     hidden_states: torch.Tensor,  # [T, H]
     top_k_index: torch.Tensor,  # [T, K]
     top_k_weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:
-    """grouped_mm_experts_forward, with each expert's matmuls on its own checkpoint tensors."""
+    """grouped_mm_experts_forward, with each expert's matmuls on its own tensors."""
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
     sample_weights = top_k_weights.reshape(-1)  # [S], S = T x K
@@ -153,11 +198,11 @@ def _per_expert(
     selected = hidden_states[perm // num_top_k]  # [S, H], grouped by expert
     sample_weights_g = sample_weights[perm]
     groups = _groups(expert_ids_g)  # [(expert, start, end)]
-    _fetch(source, [e for e, _, _ in groups])
+    fetch([e for e, _, _ in groups])
     first = "gate_up_proj" if self.has_gate else "up_proj"
-    proj = _linear(selected, source, first, groups, self)  # [S, 2I] or [S, I]
+    proj = _linear(selected, parts, first, groups, self)  # [S, 2I] or [S, I]
     proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)  # [S, I]
-    proj = _linear(proj, source, "down_proj", groups, self)  # [S, H]
+    proj = _linear(proj, parts, "down_proj", groups, self)  # [S, H]
     if self.has_post_expert_norm:
         proj = self.post_expert_norm(proj)
     weighted = proj * sample_weights_g.unsqueeze(-1)  # [S, H]
@@ -188,22 +233,24 @@ def _fetch(source: ExpertWeights, experts: list[int]) -> None:
 
 def _linear(
     x: torch.Tensor,  # [S, in]
-    source: ExpertWeights,
+    every: Mapping[str, Any],
     target: str,
     groups: list[tuple[int, int, int]],
     module: Any,
 ) -> torch.Tensor:
     """x @ W[e].T for each expert's rows (W[e]: the concatenation of its parts), as
     grouped_mm's _grouped_linear computes it; the bias row of each sample added."""
-    parts = source.parts[target]
+    parts = every[target]
     transposed = bool(getattr(module, "is_transposed", False))
-    width = sum(p.shape[-1 if transposed else 0] for p in parts[groups[0][0]]) if groups else 0
-    out = torch.zeros(x.size(0), width, dtype=parts[0][0].dtype, device=x.device)
+    some = parts[groups[0][0]] if groups else None  # any selected expert's tensors
+    width = sum(p.shape[-1 if transposed else 0] for p in some) if some else 0
+    dtype = some[0].dtype if some else x.dtype
+    out = torch.zeros(x.size(0), width, dtype=dtype, device=x.device)
     for expert, start, end in groups:
         rows = x[start:end].to(out.dtype)
         pieces = [rows @ (p if transposed else p.T) for p in parts[expert]]
         out[start:end] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-    bias = source.parts.get(f"{target}_bias")
+    bias = every.get(f"{target}_bias")
     if bias is not None:
         out.add_(torch.cat([_bias_rows(bias[e], end - start) for e, start, end in groups]))
     return out
