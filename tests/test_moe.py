@@ -84,6 +84,15 @@ def test_deepseek_v3_plans_on_one_gpu_and_lots_of_ram() -> None:
     assert {plan.exec_map[k] for k, v in experts_of(plan).items() if v == "cpu"} == {"cpu"}
 
 
+def test_mixtral_on_one_24gib_gpu_splits_its_experts() -> None:
+    plan = devicemap.plan(
+        CONFIGS / "mixtral-8x7b", max_memory={0: "24GiB", "cpu": "96GiB"}, dtype="bfloat16"
+    )
+    assert len(attention_of(plan)) == 32 and set(attention_of(plan).values()) == {0}
+    placed = list(experts_of(plan).values())
+    assert len(placed) == 32 and 0 in placed and "cpu" in placed
+
+
 def test_the_device_map_has_no_overlapping_keys_and_round_trips(qwen3_30b: Any) -> None:
     plan = devicemap.plan(qwen3_30b, max_memory={0: "24GiB", "cpu": "64GiB"})
     keys = list(plan.device_map)
