@@ -124,3 +124,15 @@ class BadImage(DevicemapError, ValueError):
 
 class ContextTooLong(PlanError, ValueError):
     """A prompt (plus the tokens to generate) longer than the context the plan reserved."""
+
+
+class CheckpointChanged(LoadError, RuntimeError):
+    """A checkpoint file a running model reads from was rewritten, truncated or replaced."""
+
+
+class CacheError(LoadError, OSError):
+    """The converted-tensor cache cannot be written or read safely (names the path and the fix)."""
+
+
+class TemplateError(DevicemapError, ValueError):
+    """The model's chat template failed on these messages (names the cause and the fix)."""
