@@ -7,7 +7,7 @@
 #   On the GPU:   device run, carry [".gpu-wheels"], command "bash scripts/gpu_check.sh"
 #
 # The device image has its own PyTorch (CUDA) and an older transformers; our pinned
-# transformers/tokenizers/safetensors/pillow travel as wheels in .gpu-wheels/ (git-ignored) and
+# transformers/tokenizers/safetensors/pillow/xxhash travel as wheels in .gpu-wheels/ (git-ignored) and
 # are installed without dependencies. Reports land in $OUT (or /tmp/gpu-check): the test
 # log, the benchmark table and bench/results/gpu_decode.json, and nvidia-smi.
 set -uo pipefail
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--wheels" ]]; then
     versions=$(python -m pip list --format=freeze 2>/dev/null \
-        | grep -iE '^(transformers|tokenizers|safetensors|pillow)==')
+        | grep -iE '^(transformers|tokenizers|safetensors|pillow|xxhash)==')
     rm -rf .gpu-wheels && mkdir -p .gpu-wheels
     # shellcheck disable=SC2086
     python -m pip download --no-deps --only-binary=:all: -d .gpu-wheels \

@@ -29,8 +29,9 @@ from devicemap.errors import (
     OffloadError,
     PlanMismatch,
 )
-from devicemap.load import convert, reader
+from devicemap.load import cache as cache_module
 from devicemap.load import loader as load_module
+from devicemap.load import reader
 from devicemap.load.loader import load, place
 from devicemap.model.checkpoint import read_index
 from devicemap.model.skeleton import Skeleton, build_skeleton
@@ -568,7 +569,7 @@ def test_full_disk_leaves_no_cache_and_the_next_load_writes_a_whole_one(
         written.append(len(data))
         f.write(data)
 
-    monkeypatch.setattr(convert, "_write_bytes", full)
+    monkeypatch.setattr(cache_module, "_write_bytes", full)
     with pytest.raises(OffloadError) as caught:
         hand_load(path, lambda s: every_block(s, "disk"), dtype=bf16, offload_dir=tmp_path)
     assert str(tmp_path) in str(caught.value) and "It needs " in str(caught.value)

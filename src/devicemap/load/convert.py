@@ -6,23 +6,14 @@ matched against the checkpoint index up front (no data read), checked on meta
 tensors, and later run one group of target tensors at a time on lazily read
 inputs, so loading never holds more than one group's inputs in RAM.
 
-Converted tensors that live on disk go to one safetensors cache file, written
-tensor by tensor to a temp file and renamed into place (never half-written).
+Converted tensors that live on disk go to one safetensors cache file (cache.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
-import math
-import os
-import shutil
-import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,9 +21,7 @@ from transformers import core_model_loading as cml
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.utils.loading_report import LoadStateDictInfo
 
-from ..devices import format_size
-from ..errors import KeyMismatch, OffloadError
-from ..model import checkpoint
+from ..errors import KeyMismatch
 from ..model.checkpoint import CheckpointIndex, TensorInfo
 
 Shape = tuple[int, ...]
@@ -252,111 +241,3 @@ def _section(title: str, items: Iterable[str]) -> list[str]:
 
 
 # --- the converted cache file ---------------------------------------------------------
-
-ALIGN = 64  # bytes: every cached tensor starts here (CPU kernels round differently unaligned)
-_CODES = {dtype: code for code, dtype in checkpoint._DTYPES.items()}  # torch dtype -> "BF16"
-
-
-@dataclass(frozen=True)
-class CacheFile:
-    """One safetensors file of converted tensors: its header, and where each tensor lies."""
-
-    path: Path
-    header: bytes  # the JSON header, padded so the data starts 64-byte aligned
-    tensors: Mapping[str, TensorInfo]
-
-    @property
-    def size(self) -> int:
-        return max(i.offset + i.nbytes for i in self.tensors.values())  # bytes
-
-    def complete(self) -> bool:
-        """Written in full for exactly these tensors: same header (fingerprint inside), size."""
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(8 + len(self.header))
-                size = os.fstat(f.fileno()).st_size
-        except OSError:
-            return False
-        return head == struct.pack("<Q", len(self.header)) + self.header and size == self.size
-
-    def write(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-        """Stream `tensors` (in layout order) to a temp file, fsync, rename; OffloadError if not."""
-        directory, free = self.path.parent, None
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(directory).free
-            if free < self.size:  # before writing a byte
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            with open(tmp, "wb") as f:
-                f.write(struct.pack("<Q", len(self.header)) + self.header)
-                for name, tensor in tensors:
-                    f.seek(self.tensors[name].offset)  # past a pad: the gap reads as zeros
-                    _write_bytes(f, tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(directory)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise OffloadError(
-                f"cannot write the offload cache in {directory}: {error.strerror or error}."
-                f" It needs {format_size(self.size)}"
-                + (f" and {format_size(free)} is free" if free is not None else "")
-                + ". Free space there, or give load(..., offload_dir=...) a writable directory"
-                f" with at least {format_size(self.size)} free; nothing half-written was kept."
-            ) from error
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-
-
-def cache_layout(
-    directory: Path, fingerprint: str, specs: list[tuple[str, torch.dtype, Shape]]
-) -> CacheFile:
-    """Where each (name, dtype, shape) goes in `<directory>/<fingerprint>.safetensors`.
-
-    Every tensor starts on a 64-byte boundary; the gaps are explicit u8 pad tensors, as
-    safetensors allows no holes.
-    """
-    path = directory / f"{fingerprint[:32]}.safetensors"
-    entries: dict[str, Any] = {"__metadata__": {"format": "pt", "devicemap": fingerprint}}
-    spans, begin = {}, 0
-    for name, dtype, shape in specs:
-        if pad := -begin % ALIGN:
-            span = [begin, begin + pad]
-            entries[f"__pad{len(entries)}__"] = {
-                "dtype": "U8",
-                "shape": [pad],
-                "data_offsets": span,
-            }
-            begin += pad
-        nbytes = math.prod(shape) * dtype.itemsize
-        span = [begin, begin + nbytes]
-        entries[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": span}
-        spans[name] = (dtype, shape, begin, nbytes)
-        begin += nbytes
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-(8 + len(header)) % ALIGN)  # the data starts 64-byte aligned too
-    start = 8 + len(header)
-    tensors = {
-        name: TensorInfo(name, path, dtype, shape, start + begin, nbytes)
-        for name, (dtype, shape, begin, nbytes) in spans.items()
-    }
-    return CacheFile(path, header, tensors)
-
-
-def _write_bytes(f: Any, data: memoryview) -> None:
-    f.write(data)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable, where the OS allows it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,15 +30,8 @@ from ..model.init import initialize
 from ..model.skeleton import Skeleton, build_skeleton, is_experts
 from ..plan.planner import Plan
 from ..run.experts import EXPERTS_ATTR, ExpertWeights
-from .convert import (
-    ALIGN,
-    KeyMap,
-    Recipe,
-    cache_layout,
-    map_checkpoint,
-    raise_on_mismatch,
-    run_recipe,
-)
+from .cache import ALIGN, Source, cache_layout, default_dir, source_identity, sweep
+from .convert import KeyMap, Recipe, map_checkpoint, raise_on_mismatch, run_recipe
 from .experts import Pieces, expert_pieces, experts_recipes, leaf
 from .progress import Meter, progress_bar
 from .reader import ReadPool
@@ -424,9 +417,7 @@ def _free_now(device: Device) -> int | None:
 
 
 def _offload_dir(offload_dir: str | os.PathLike[str] | None) -> Path:
-    if offload_dir is not None:
-        return Path(offload_dir).expanduser()
-    return Path(os.environ.get("DEVICEMAP_CACHE", "~/.cache/devicemap")).expanduser() / "offload"
+    return default_dir() if offload_dir is None else Path(offload_dir).expanduser()
 
 
 def _offload(job: _Job, directory: Path, skeleton: Skeleton, meter: Meter) -> dict[str, TensorInfo]:
@@ -442,8 +433,13 @@ def _offload(job: _Job, directory: Path, skeleton: Skeleton, meter: Meter) -> di
     if not todo:
         return {}
     specs = [(key, job.dtype(key), tuple(job.like(key).shape)) for key in todo]
-    cache = cache_layout(directory, _fingerprint(job, skeleton, todo), specs)
-    if cache.complete():
+    sources = [
+        source_identity(f) for f in sorted({str(i.file) for r in todo.values() for i in r.inputs})
+    ]
+    fingerprint = _fingerprint(job, skeleton, todo, sources)
+    cache = cache_layout(directory, fingerprint, specs, model=skeleton.source.name, sources=sources)
+    sweep(directory, keep=cache.path)  # dead writers' temp files, caches of changed sources
+    if cache.usable():
         meter.advance(DISK, sum(i.nbytes for i in cache.tensors.values()))
     else:
         cache.write(_converted(job, todo, meter))
@@ -502,12 +498,13 @@ def _place_experts(job: _Job, name: str, pieces: dict[str, Pieces], meter: Meter
     )
 
 
-def _fingerprint(job: _Job, skeleton: Skeleton, todo: Mapping[str, Recipe]) -> str:
-    """sha256 of the model, dtype, the cached tensors and the source files they come from."""
-    files = sorted({str(i.file) for r in todo.values() for i in r.inputs})
-    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+def _fingerprint(
+    job: _Job, skeleton: Skeleton, todo: Mapping[str, Recipe], sources: list[Source]
+) -> str:
+    """sha256 of the model, dtype, the cached tensors and the identity of each source file
+    (size, mtime, inode, ctime: `cp -p` keeps the first two, never the ctime)."""
     tensors = [(k, str(job.dtype(k))) for k in todo]
-    blob = json.dumps([skeleton.fingerprint, str(job.plan.dtype), tensors, stats])
+    blob = json.dumps([skeleton.fingerprint, str(job.plan.dtype), tensors, sources])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -561,7 +558,7 @@ def _finish(job: _Job, skeleton: Skeleton) -> None:
     model.eval()
     _generation_config(model, skeleton.source.root)
     model.devicemap_plan = job.plan  # type: ignore[assignment]
-    _dispatch(model, job.plan)
+    _dispatch(model, job.plan, job.maps)  # the files its weights are pages of, watched
 
 
 def _regenerate(job: _Job) -> None:
@@ -598,7 +595,7 @@ def _generation_config(model: torch.nn.Module, root: Path) -> None:
     model.generation_config = kind.from_pretrained(root)
 
 
-def _dispatch(model: torch.nn.Module, plan: Plan) -> None:
+def _dispatch(model: torch.nn.Module, plan: Plan, files: Iterable[Path]) -> None:
     from ..run.dispatch import dispatch  # dispatch imports plan/offload machinery: load it late
 
-    dispatch(model, plan)
+    dispatch(model, plan, watch=files)

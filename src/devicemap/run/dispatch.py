@@ -25,9 +25,11 @@ model's weights on the meta device, so device memory and mmaps go deterministica
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import functools
 import gc
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,7 +38,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..devices import Device, parse_device
-from ..errors import LoadError, PlanError, UnknownDevice
+from ..errors import CheckpointChanged, LoadError, PlanError, UnknownDevice
 from ..model.checkpoint import close_mmaps
 from ..model.skeleton import is_experts
 from ..plan.planner import Plan
@@ -44,6 +46,7 @@ from . import expert_cache, experts
 from .experts import EXPERTS_ATTR
 from .mover import Mover, first_device
 from .offload import BlockWeights, GpuStreamer, Offload, PagePrefetcher, block_weights
+from .pages import file_identity
 
 M = TypeVar("M", bound=torch.nn.Module)
 _STATE = "_devicemap_dispatch"  # attribute on the model holding what dispatch attached
@@ -110,6 +113,8 @@ class _Dispatched:
     offloads: list[Offload] = field(default_factory=list)
     shims: list[torch.nn.Module] = field(default_factory=list)  # modules given an `_hf_hook`
     depth: int = 0  # nesting of entry modules (model -> encoder)
+    # files the weights are pages of -> their identity at load (checked per forward)
+    watched: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     input_device: torch.device | None = None
 
 
@@ -121,9 +126,12 @@ class _HfHookShim:
     io_same_device = True
 
 
-def dispatch(model: M, plan: Plan, *, prefetch: bool = True) -> M:
-    """Attach device-boundary and offload hooks to `model`, placed as `plan` says; return it."""
-    return attach(model, layout_of(plan), prefetch=prefetch)
+def dispatch(
+    model: M, plan: Plan, *, prefetch: bool = True, watch: Iterable[str | os.PathLike[str]] = ()
+) -> M:
+    """Attach device-boundary and offload hooks to `model`, placed as `plan` says; return it.
+    `watch`: files the model's weights are pages of, checked at each forward's start."""
+    return attach(model, layout_of(plan), prefetch=prefetch, watch=watch)
 
 
 def attach(
@@ -132,6 +140,7 @@ def attach(
     *,
     hooked: frozenset[str] | None = None,
     prefetch: bool = True,
+    watch: Iterable[str | os.PathLike[str]] = (),
 ) -> M:
     """`dispatch` from a Layout; `hooked` overrides which blocks get input hooks (benchmarks)."""
     if _STATE in model.__dict__:
@@ -139,7 +148,9 @@ def attach(
     modules = _resolve(model, layout)
     _check_storage(model, modules, layout)
     hooked = boundaries(layout) if hooked is None else hooked
-    state = _Dispatched(layout=layout, mover=Mover())
+    state = _Dispatched(layout=layout, mover=Mover(), watched=_identities(watch))
+    if state.watched:
+        faulthandler.enable()  # a page of a file cut short under it: a SIGBUS, reported
     model.__dict__[_STATE] = state
     try:
         offloads = _offloads(modules, layout, prefetch=prefetch)
@@ -320,6 +331,8 @@ def _home(entry: torch.nn.Module, modules: Mapping[str, torch.nn.Module], layout
 def _enter(
     state: _Dispatched, home: torch.device, module: Any, args: Any, kwargs: Any
 ) -> tuple[Any, Any] | None:
+    if state.depth == 0:
+        _check_files(state.watched)
     state.depth += 1
     if state.depth == 1:
         state.mover.reset()
@@ -327,6 +340,36 @@ def _enter(
         for offload in state.offloads:
             offload.begin()
     return _moved(state.mover, home, args, kwargs)
+
+
+def _identities(files: Iterable[str | os.PathLike[str]]) -> dict[str, tuple[int, int, int, int]]:
+    return {str(f): file_identity(f) for f in files}
+
+
+def _check_files(watched: Mapping[str, tuple[int, int, int, int]]) -> None:
+    """CheckpointChanged if a file the weights are pages of was rewritten or truncated in
+    place since the load: its pages would now be other weights, or a SIGBUS past its end.
+    A file replaced by a rename (another inode) or deleted is no danger: the maps hold the
+    old file, which stays whole while mapped."""
+    for path, before in watched.items():
+        try:
+            now = file_identity(path)
+        except OSError:
+            continue  # deleted: the mapped inode lives on
+        if now == before or now[2] != before[2]:
+            continue
+        if now[0] < before[0]:
+            what = f"was truncated ({before[0]} -> {now[0]} bytes)"
+        elif now[:2] != before[:2]:
+            what = "was rewritten"
+        else:  # same size and mtime: only the ctime says it (cp -p, rsync -a, or a chmod)
+            what = "was changed in place (its ctime moved: rewritten with its mtime kept?)"
+        raise CheckpointChanged(
+            f"{path} {what} under the running model, whose weights are pages of it: its"
+            " answers could be wrong (or the process killed by SIGBUS). Load the model again"
+            " (devicemap.release(model), then devicemap.load); to update a checkpoint in use,"
+            " write the new file beside it and rename it over the old one"
+        )
 
 
 def _leave(state: _Dispatched, module: Any, args: Any, output: Any) -> Any:

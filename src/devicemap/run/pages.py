@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -147,6 +148,13 @@ def map_in(pages: Pages) -> None:
     for raw in pages.raws:
         raw[::PAGE].sum()  # one byte per page
         raw[-1:].sum()  # the tail page, which the stride can skip
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int, int, int]:
+    """(size, mtime, inode, ctime) in ns: a file rewritten in place keeps its inode and can
+    keep size and mtime (`cp -p`, `rsync -a`), never its ctime; a replaced one changes inode."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)

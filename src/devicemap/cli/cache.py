@@ -1,0 +1,118 @@
+"""`devicemap cache ls|rm|prune`: what the offload cache holds, and cleaning it.
+
+The offload cache (load/cache.py) lives in `$DEVICEMAP_CACHE/offload` (default
+`~/.cache/devicemap/offload`) unless a load was given another `offload_dir`; `--dir`
+points these commands there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ..devices import format_size
+from ..load.cache import Entry, age, default_dir, entries, sweep
+
+app = typer.Typer(
+    help="List and clean the offload cache (converted tensors of disk tiers).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+DirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir",
+        help="The offload directory (default: $DEVICEMAP_CACHE/offload, else"
+        " ~/.cache/devicemap/offload).",
+    ),
+]
+
+
+def offload_dir(directory: Path | None) -> Path:
+    """The directory these commands work on."""
+    return default_dir() if directory is None else directory.expanduser()
+
+
+@app.command("ls")
+def ls_command(directory: DirOpt = None) -> None:
+    """What is cached: each file, the model it is for, its size, its last use and status."""
+    where = offload_dir(directory)
+    found = entries(where)
+    if not found:
+        typer.echo(f"{where}: empty", err=True)
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=str(where))
+    for column in ("file", "model", "size", "last used", "status"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for entry in found:
+        table.add_row(
+            entry.path.name, entry.model, format_size(entry.size), age(entry.last_used),
+            _status(entry),
+        )  # fmt: skip
+    Console(soft_wrap=False).print(table)
+    total = sum(e.size for e in found)
+    typer.echo(f"{len(found)} files, {format_size(total)}", err=True)
+
+
+def _status(entry: Entry) -> str:
+    return {
+        "ok": "ok",
+        "stale": "stale: a source file changed or is gone (prune removes it)",
+        "partial": "partial: its writer died (prune removes it)",
+        "writing": "being written",
+        "other": "not a devicemap cache (left alone)",
+    }[entry.status]
+
+
+@app.command("rm")
+def rm_command(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Files to delete: their names (or a prefix), or models' names."),
+    ] = None,
+    every: Annotated[bool, typer.Option("--all", help="Delete every cache file.")] = False,
+    directory: DirOpt = None,
+) -> None:
+    """Delete cache files by name, by the model they are for, or all of them."""
+    where = offload_dir(directory)
+    caches = [e for e in entries(where) if e.status in ("ok", "stale", "partial")]
+    if every:
+        chosen = caches
+    else:
+        if not names:
+            typer.echo("error: name the files to delete, or give --all", err=True)
+            raise typer.Exit(1)
+        chosen = [e for e in caches if any(_names(e, n) for n in names)]
+        missing = [n for n in names if not any(_names(e, n) for e in caches)]
+        if missing:
+            listed = ", ".join(missing)
+            message = f"no cache file or model {listed} in {where} (see `devicemap cache ls`)"
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1)
+    freed = 0
+    for entry in chosen:
+        with contextlib.suppress(FileNotFoundError):
+            entry.path.unlink()
+            freed += entry.size
+    typer.echo(f"deleted {len(chosen)} files, {format_size(freed)}", err=True)
+
+
+def _names(entry: Entry, name: str) -> bool:
+    return entry.path.name.startswith(name) or (entry.model != "" and entry.model == name)
+
+
+@app.command("prune")
+def prune_command(directory: DirOpt = None) -> None:
+    """Delete caches whose source files changed or are gone, and dead writers' temp files."""
+    where = offload_dir(directory)
+    sizes = {e.path: e.size for e in entries(where)}
+    gone = sweep(where)
+    freed = sum(sizes.get(p, 0) for p in gone)
+    typer.echo(f"pruned {len(gone)} files, {format_size(freed)}", err=True)
