@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -139,3 +141,76 @@ def test_budgets_gpus_selects_among_budgeted():
     assert list(resolve_budgets(mm, gpus=1)) == [Device("cuda", 0), CPU]
     with pytest.raises(UnknownDevice, match="cuda:3 not found in --max-memory"):
         resolve_budgets(mm, gpus=[3])
+
+
+# --- absurd sizes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("9" * 400, "'999999999999...9999999999999'"),  # float: inf; int(inf) overflowed
+        ("9" * 400 + "GiB", "'999999999999...9999999999GiB'"),
+        ("9" * 100_000 + ".5 TB", "'999999999999...99999999.5 TB'"),
+        ("1" + "0" * 20, "'100000000000000000000'"),  # 10**20 bytes: over 16 EiB, a typo
+        ("20000000TiB", "'20000000TiB'"),
+        (2**64 + 1, "18446744073709551617"),
+        (10**400, "100000000000000000...0000000000000000000"),
+        (10**100_000, "<an integer of 332193 bits>"),  # str() of it refuses: > 4300 digits
+    ],
+    ids=[
+        "400 digits",
+        "GiB",
+        "100k digits",
+        "1e20",
+        "TiB",
+        "int 2**64+1",
+        "int 1e400",
+        "int 1e100000",
+    ],
+)
+def test_absurd_sizes_are_bad_sizes(value, shown):
+    with pytest.raises(BadSize, match="more than 16 EiB") as e:
+        parse_size(value)
+    assert f"memory size {shown} is more than 16 EiB" in str(e.value) and len(str(e.value)) < 200
+
+
+def test_sizes_up_to_16_eib_are_fine():
+    assert parse_size(2**64) == 2**64 and parse_size("16384TiB") == 2**54
+
+
+@pytest.mark.parametrize(
+    "value", ["9" * 400 + "%", "x" * 10**6, "1" * 10**6 + "XB"], ids=["percent", "text", "unit"]
+)
+def test_long_bad_sizes_give_short_messages(value):
+    with pytest.raises(BadSize) as e:
+        parse_size(value, free=100)
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize(
+    "value", ["cuda:" + "9" * 5000, "x" * 10**6, "9" * 5000], ids=["cuda:N", "text", "index"]
+)
+def test_long_bad_devices_give_short_messages(value):
+    with pytest.raises(UnknownDevice) as e:  # int() of 5000 digits was a ValueError
+        parse_device(value)
+    assert len(str(e.value)) < 200
+
+
+def test_budgets_with_absurd_sizes():
+    with pytest.raises(BadSize, match="more than 16 EiB"):
+        resolve_budgets({"cpu": 10**5000})  # str() of the int was a ValueError
+    with pytest.raises(BadSize, match=r"'9999.*9999' is more than 16 EiB"):
+        resolve_budgets({"cpu": "9" * 400})
+
+
+def test_cli_absurd_max_memory():
+    from typer.testing import CliRunner
+
+    from devicemap.cli.main import app
+
+    config = str(Path(__file__).parent / "data" / "configs" / "llama-3-70b")
+    result = CliRunner().invoke(app, ["plan", config, "--max-memory", "cpu=" + "9" * 400])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "more than 16 EiB" in result.output and "'99999" in result.output
+    assert len(result.output) < 400

@@ -54,7 +54,7 @@ def test_a_truncated_shard_is_an_error_not_a_sigbus(model: Path, tmp_path: Path)
     shard = shards(model)[-1]
     with open(shard, "r+b") as f:  # what `cp new old` does first
         f.truncate(100)
-    with pytest.raises(CheckpointChanged, match="truncated .* -> 100 bytes.*Load the model again"):
+    with pytest.raises(CheckpointChanged, match=r"truncated .* -> 100 bytes.*Load the model again"):
         logits(loaded, "llama")
     devicemap.release(loaded)
 
@@ -117,3 +117,39 @@ def test_a_shard_cut_mid_forward_dies_with_a_report_not_silently(
     if done.returncode == 0:
         pytest.skip("the cut pages were still cached privately: no fault to report")
     assert "Bus error" in done.stderr and "File " in done.stderr, done.stderr[-2000:]
+
+
+_SMALL_ADDRESS_SPACE = textwrap.dedent(
+    """
+    import resource, sys
+    sys.path.insert(0, sys.argv[2])
+    from pathlib import Path
+    import devicemap
+    from devicemap.errors import DeviceOutOfMemory
+    from test_load import every_block, hand_load
+    def load():
+        return hand_load(Path(sys.argv[1]), lambda s: every_block(s, "disk"),
+                         offload_dir=sys.argv[3])
+
+    devicemap.release(load())  # everything imported, thread stacks made and freed
+    used = sum(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize"))
+    limit = used * 1024 + (24 << 20)  # 24 MiB more than it has now: not the 70 MB of maps
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        load()
+    except DeviceOutOfMemory as error:
+        print("DeviceOutOfMemory:", error)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS")
+def test_an_address_space_limit_is_device_out_of_memory(tmp_path: Path) -> None:
+    big = make_tiny("llama", tmp_path / "big", hidden_size=512, intermediate_size=2048)
+    tests = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _SMALL_ADDRESS_SPACE, str(big), tests, str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=tests, timeout=120,
+    )  # fmt: skip
+    assert "DeviceOutOfMemory: cpu:" in done.stdout, done.stderr[-3000:]
+    assert "ulimit -v" in done.stdout

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,36 @@ def test_prefetcher_faults_in_the_next_block(disk_llama: tuple[Any, Any, Path]) 
         prefetcher.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT, mincore")
+def test_a_streamed_block_is_dropped_once_it_has_run_and_resident_ones_stay(
+    disk_llama: tuple[Any, Any, Path],
+) -> None:
+    # the disk tier's cache policy (issue 11): blocks the plan streams are let go after they
+    # run, so cyclic access cannot evict the resident ones (an LRU drops those first)
+    model, plan, root = disk_llama
+    disk = [n for n, v in plan.device_map.items() if v == "disk"]
+    blocks = [block_weights(n, model.get_submodule(n)) for n in disk]
+    evict([root / f"{n}.safetensors" for n in disk])
+    prefetcher = PagePrefetcher(blocks, depth=1, streamed={"model.layers.1"})
+    streamed, kept = blocks[0], blocks[1]
+    seen = []
+    try:
+        for _ in range(2):  # two forwards
+            prefetcher.begin()
+            for block in blocks:
+                prefetcher.enter(block.name)
+                sum(float(t.float().sum()) for t in block.host)  # it runs: reads its pages
+                prefetcher.exit(block.name)
+                prefetcher.wait()
+                if block is kept:  # before the last block asks for the first one again
+                    seen.append((resident(list(streamed.host)), resident(list(kept.host))))
+        assert all(gone < 0.5 and stays == 1.0 for gone, stays in seen), seen
+        assert list(prefetcher.dropped) == ["model.layers.1"] * 2
+        assert resident(list(streamed.host)) == 1.0  # read ahead again for the next forward
+    finally:
+        prefetcher.close()
+
+
 def test_resident_blocks_are_checked_ever_less_often_missing_ones_every_pass(
     disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,7 +199,7 @@ def test_resident_blocks_are_checked_ever_less_often_missing_ones_every_pass(
     disk = [n for n, v in plan.device_map.items() if v == "disk"]
     blocks = [block_weights(n, model.get_submodule(n)) for n in disk]
     missing = {"now": False}  # what the worker's residency check finds
-    monkeypatch.setattr(offload, "fault_in", lambda pages: missing["now"])
+    monkeypatch.setattr(offload, "fault_in", lambda pages, **_: missing["now"])
     prefetcher = PagePrefetcher(blocks, depth=1)
 
     def checks_in(passes: int) -> int:
@@ -201,7 +232,7 @@ def test_missing_pages_at_a_forwards_start_wake_every_quiet_block(
     disk = [n for n, v in plan.device_map.items() if v == "disk"]
     blocks = [block_weights(n, model.get_submodule(n)) for n in disk]
     missing = {"now": False}
-    monkeypatch.setattr(offload, "fault_in", lambda pages: missing["now"])
+    monkeypatch.setattr(offload, "fault_in", lambda pages, **_: missing["now"])
     prefetcher = PagePrefetcher(blocks, depth=1)
 
     def forward() -> list[str]:
@@ -247,7 +278,7 @@ def test_a_block_the_worker_has_in_hand_is_waited_for_not_faulted_twice(
     events: list[str] = []
     gate = threading.Event()
 
-    def slow_fault_in(pages: Any) -> bool:
+    def slow_fault_in(pages: Any, **_: Any) -> bool:
         gate.wait(5)
         events.append("worker done")
         return True

@@ -19,10 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
-from ..devices import CPU, DISK, Device, format_size, inventory, parse_device, present
+from ..devices import (
+    CPU,
+    DISK,
+    Device,
+    cpu_memory,
+    format_size,
+    inventory,
+    parse_device,
+    present,
+)
 from ..errors import DeviceNotPresent, DeviceOutOfMemory, LoadError, PlanMismatch
 from ..model import checkpoint
 from ..model.checkpoint import CheckpointIndex, TensorInfo
@@ -409,7 +417,7 @@ def _free_now(device: Device) -> int | None:
     if device.kind == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.mem_get_info(device.index)[0])
     if device == CPU:
-        return int(psutil.virtual_memory().available)
+        return cpu_memory()[0]  # cgroup limits included
     return None
 
 

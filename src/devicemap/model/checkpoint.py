@@ -6,23 +6,27 @@ already in the local Hugging Face cache (offline). No tensor data is read here.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import mmap
 import os
 import re
+import reprlib
 import struct
 import sys
 import threading
 import warnings
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from ..errors import CorruptCheckpoint, MissingShard, ModelNotFound
+from ..errors import CorruptCheckpoint, DeviceOutOfMemory, MissingShard, ModelNotFound
 
 Format = Literal["safetensors", "bin"]
 
@@ -84,6 +88,33 @@ for _code, _attr in [
         _DTYPES[_code] = getattr(torch, _attr)
 
 
+# --- messages ----------------------------------------------------------------
+
+_LISTED = 10  # problems one error lists; the rest are counted
+_MAX_JSON = 100_000_000  # bytes: the safetensors library's limit on a header (and ours on an index)
+_repr = reprlib.Repr()  # a hostile name or value is shown clipped, never in full
+_repr.maxstring, _repr.maxother, _repr.maxlong, _repr.maxlist, _repr.maxdict = 120, 60, 40, 8, 4
+_shown = _repr.repr
+
+
+def _listing(problems: list[str]) -> str:
+    """The first problems as an indented list, the rest counted."""
+    lines = [f"  - {p}" for p in problems[:_LISTED]]
+    if len(problems) > _LISTED:
+        lines.append(f"  ... and {len(problems) - _LISTED} more")
+    return "\n".join(lines)
+
+
+def _json_kind(value: object) -> str:
+    """A JSON value's type in words, for messages ("a list", "a number", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    kinds = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 # --- resolving a model argument ---------------------------------------------
 
 
@@ -135,15 +166,66 @@ def _weights_in(directory: Path) -> tuple[tuple[Path, ...], Format | None]:
 
 
 def _shards_from_index(index: Path) -> tuple[Path, ...]:
-    """Every shard the index's weight_map names, in sorted order (some may be missing)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    """Every shard the index's weight_map names, in sorted order (some may be missing).
+
+    Each must be a relative path that stays inside the index's directory as written
+    ("../x", "/etc/x" and "a/../../x" do not). Only the string is checked, never where it
+    resolves: the Hugging Face cache links every snapshot file to ../../blobs/<hash>.
+    """
+    weight_map = _weight_map(index)
+    problems = []
+    for key, value in weight_map.items():
+        if (problem := _shard_name_problem(value)) is not None:
+            problems.append(f"weight_map[{_shown(key)}] = {_shown(value)}: {problem}")
+    if problems:
         raise CorruptCheckpoint(
-            f"{index}: not a valid checkpoint index ({e}). {_REDOWNLOAD}"
-        ) from e
-    return tuple(index.parent / n for n in names)
+            f"{index}: the weight_map names shard files devicemap will not open:\n"
+            f"{_listing(problems)}\n{_REDOWNLOAD}"
+        )
+    names = sorted({os.path.normpath(name) for name in weight_map.values()})
+    return tuple(index.parent / name for name in names)
+
+
+def _weight_map(index: Path) -> dict[str, Any]:
+    """The index file's weight_map object (tensor name -> shard file), or CorruptCheckpoint."""
+    if index.stat().st_size > _MAX_JSON:
+        raise CorruptCheckpoint(f"{index}: over 100 MB, too large to be a checkpoint index.")
+    data, what = None, "not a JSON object"
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except RecursionError:  # the C decoder refuses nesting deeper than the recursion limit
+        what = "nested too deeply"
+    except ValueError:  # also UnicodeDecodeError
+        what = "not valid JSON"
+    if not isinstance(data, dict):
+        raise CorruptCheckpoint(
+            f"{index}: not a valid checkpoint index: it is {what}; an index is a JSON object"
+            f' whose "weight_map" maps each tensor name to its shard file. {_REDOWNLOAD}'
+        )
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpoint(
+            f'{index}: not a valid checkpoint index: its "weight_map" field is'
+            f" {_json_kind(weight_map) if 'weight_map' in data else 'missing'}; it must be an"
+            f" object mapping each tensor name to its shard file. {_REDOWNLOAD}"
+        )
+    return weight_map
+
+
+def _shard_name_problem(name: object) -> str | None:
+    """Why an index's shard file name is unsafe or meaningless, or None when it is fine."""
+    if not isinstance(name, str):
+        return f"a shard file name must be a string, not {_json_kind(name)}"
+    if not name or "\0" in name:
+        return "not a file name"
+    if os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        return "an absolute path; shard files are named relative to the index's directory"
+    normal = os.path.normpath(name)  # lexical: "a/../b" -> "b", symlinks untouched
+    if normal == os.curdir:
+        return "names the directory itself, not a file"
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        return "leaves the index's directory; shard files must be inside it"
+    return None
 
 
 def _resolve_hub(name: str) -> ModelSource:
@@ -181,20 +263,30 @@ def _hub_cache_dir() -> Path:
 
 
 def read_index(source: ModelSource) -> CheckpointIndex:
-    """Read every tensor's location from the weight files' headers."""
+    """Read every tensor's location from the weight files' headers.
+
+    Every problem of every file (bad header entries, bytes that belong to no tensor or to
+    two, the same tensor in two shards) is reported in one CorruptCheckpoint.
+    """
     _check_shards_exist(source)
     tensors: dict[str, TensorInfo] = {}
     problems: list[str] = []
     for file in source.weight_files:
         if source.format == "bin":
-            tensors.update(_read_bin_header(file))
+            found = _read_bin_header(file)
         else:
             found, bad = _read_safetensors_header(file)
-            tensors.update(found)
             problems += bad
+        for key, info in found.items():
+            if key in tensors:
+                problems.append(
+                    f"tensor {_shown(key)} is in both {tensors[key].file} and {file};"
+                    " a checkpoint holds each tensor once"
+                )
+            else:
+                tensors[key] = info
     if problems:
-        listing = "\n".join(f"  - {p}" for p in problems)
-        raise CorruptCheckpoint(f"corrupt safetensors checkpoint:\n{listing}\n{_REDOWNLOAD}")
+        raise CorruptCheckpoint(f"corrupt checkpoint:\n{_listing(problems)}\n{_REDOWNLOAD}")
     return CheckpointIndex(source=source, tensors=tensors)
 
 
@@ -203,61 +295,213 @@ def _check_shards_exist(source: ModelSource) -> None:
     if not missing:
         return
     index = missing[0].parent / _INDEX_NAMES[source.format or "safetensors"]
-    names = ", ".join(f.name for f in missing)
+    names = ", ".join(f.name for f in missing[:_LISTED])
+    more = f" and {len(missing) - _LISTED} more" if len(missing) > _LISTED else ""
     raise MissingShard(
-        f"{len(missing)} shard(s) named in {index} are not on disk: {names}. The download is"
-        " incomplete: download the missing files again, or point at a complete copy."
+        f"{len(missing)} shard(s) named in {index} are not on disk: {names}{more}. The download"
+        " is incomplete: download the missing files again, or point at a complete copy."
     )
 
 
+# --- safetensors headers ------------------------------------------------------
+#
+# Checked as strictly as the safetensors library checks them: an 8-byte little-endian
+# length (at most 100 MB), then a JSON object in UTF-8 (no NaN, no "-0") holding one entry
+# per tensor ({"dtype": known code, "shape": [counts], "data_offsets": [begin, end]}) and an
+# optional "__metadata__" of strings; sorted by begin, the tensors' byte ranges tile the data
+# section exactly, with no gap and no overlap, and each range holds exactly its shape's
+# bytes. Stricter in one way: a key repeated in one object is an error (which copy a reader
+# keeps is a guess), where the library keeps one of the tensors silently.
+
+_U64 = 2**64  # offsets and dimensions are u64 in the format
+_FIELDS = ("dtype", "shape", "data_offsets")
+_NOT_SAFETENSORS = (
+    "not a safetensors file: one starts with its header's length (8 bytes, little-endian,"
+    " at most 100 MB) followed by that many bytes of JSON, and this file's first bytes are not"
+    " such a length"
+)
+_LFS_POINTER = (
+    "a Git LFS pointer, not the weights themselves: run `git lfs pull` in the model's"
+    " repository, or download the file again"
+)
+
+
 def _read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], list[str]]:
-    """Tensors from one file's header (8-byte little-endian length + JSON), and what is wrong."""
+    """Tensors from one file's header, or (nothing and) everything that is wrong with it."""
     size = file.stat().st_size  # bytes
+    parsed = _parse_header(file, size)
+    if isinstance(parsed, str):
+        return {}, [f"{file}: {parsed}"]
+    header_len, header, problems = parsed
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(_is_text(v) for v in metadata.values())
+    ):
+        problems.append(f"__metadata__ must map names to strings, not {_shown(metadata)}")
+    spans: dict[str, tuple[int, int]] = {}  # tensor -> [begin, end) in the data section
+    for key, entry in header.items():
+        if (problem := _entry_problem(entry)) is not None:
+            problems.append(f"tensor {_shown(key)}: {problem}")
+        if (span := _entry_span(entry)) is not None:
+            spans[key] = span
+    if len(spans) == len(header):  # else the layout has holes already reported as bad entries
+        problems += _layout_problems(spans, size - 8 - header_len)
+    if problems:
+        return {}, [f"{file}: {p}" for p in problems]
+    data_start = 8 + header_len  # bytes; data_offsets count from here
+    return {key: _tensor_info(file, key, entry, data_start) for key, entry in header.items()}, []
+
+
+def _parse_header(file: Path, size: int) -> tuple[int, dict[str, Any], list[str]] | str:
+    """The header's length, its JSON object and what its objects break; or why it is none."""
     with open(file, "rb") as f:
         prefix = f.read(8)
-        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < header_len <= size - 8:
-            return {}, [f"{file}: header length {header_len} bytes does not fit a {size}-byte file"]
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        if prefix == b"version ":  # "version https://git-lfs.github.com/spec/v1"
+            return _LFS_POINTER
+        if not 2 <= header_len <= _MAX_JSON:  # "{}" is the shortest header
+            return _NOT_SAFETENSORS
+        if 8 + header_len > size:
+            return (
+                f"the {header_len}-byte header runs past the end of the {size}-byte file: truncated"
+            )
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
+    problems: list[str] = []  # repeated keys, keys that are not text
+    try:  # UTF-8 only: json.loads(bytes) would also guess UTF-16 and UTF-32
+        header = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=lambda pairs: _json_object(pairs, problems),
+            parse_constant=_no_constant,
+            parse_int=_json_int,
+        )
+    except RecursionError:  # the C decoder refuses nesting deeper than the recursion limit
+        return "the header is nested too deeply to be a safetensors header"
     except ValueError:  # also UnicodeDecodeError
         header = None
     if not isinstance(header, dict):
-        return {}, [f"{file}: the header is not a JSON object (not a safetensors file?)"]
-    data_start = 8 + header_len  # bytes; data_offsets count from here
-    tensors, problems = {}, []
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        info = _tensor_info(file, key, entry, data_start, size)
-        if isinstance(info, str):
-            problems.append(f"{file}: tensor {key!r}: {info}")
-        else:
-            tensors[key] = info
-    return tensors, problems
+        return "the header is not a JSON object (not a safetensors file?)"
+    return header_len, header, problems
 
 
-def _tensor_info(file: Path, key: str, entry: Any, data_start: int, size: int) -> TensorInfo | str:
-    """One header entry as a TensorInfo, or a sentence saying what is wrong with it."""
+def _json_object(pairs: list[tuple[str, Any]], problems: list[str]) -> dict[str, Any]:
+    """A JSON object as a dict, noting each key it repeats (json.loads would keep the last
+    silently, the library one of them) and each key that is not valid Unicode."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            problems.append(f"key {_shown(key)} appears more than once in the header")
+        elif not _is_text(key):
+            problems.append(f"key {_shown(key)} is not valid Unicode (a lone surrogate)")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> float:
+    """NaN and Infinity are not JSON, though json.loads reads them by default."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_int(text: str) -> int | float:
+    """An integer as the library's parser reads it: "-0" is a float there, never a count."""
+    return -0.0 if text == "-0" else int(text)
+
+
+def _is_text(value: object) -> bool:
+    """A string that is valid Unicode (JSON's \\ud800 escapes can make one that is not)."""
+    if not isinstance(value, str):
+        return False
     try:
-        code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        numbers = (*shape, begin, end)
-    except (KeyError, TypeError, ValueError):
-        numbers = (-1,)
-    if not all(isinstance(n, int) and n >= 0 for n in numbers):
-        return f"malformed header entry {entry!r}"
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with one tensor's header entry on its own, or None when it is well-formed."""
+    if not isinstance(entry, dict):
+        return f"the entry is {_json_kind(entry)}, not an object with dtype, shape and data_offsets"
+    if missing := [field for field in _FIELDS if field not in entry]:
+        return f"the entry has no {' and no '.join(missing)}"
+    code, shape = entry["dtype"], entry["shape"]
+    if not isinstance(code, str):
+        return f"dtype must be a string such as 'BF16', not {_json_kind(code)}"
     if code not in _DTYPES:
-        return f"dtype {code!r} is not supported by this torch"
-    dtype = _DTYPES[code]
-    expected = math.prod(shape) * dtype.itemsize  # bytes
-    if end - begin != expected:
-        return f"shape {shape} of {code} needs {expected} bytes but data_offsets span {end - begin}"
-    if data_start + end > size:
-        end_byte = data_start + end
-        return f"data ends at byte {end_byte}, past the end of the {size}-byte file: truncated"
-    offset = data_start + begin
-    return TensorInfo(key, file, dtype, tuple(shape), offset, expected)
+        return f"dtype {_shown(code)} is not supported by this torch"
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        return f"shape must be a list of non-negative integers, not {_shown(shape)}"
+    span = _entry_span(entry)
+    if span is None:
+        return (
+            "data_offsets must be [begin, end] with integers 0 <= begin <= end, not"
+            f" {_shown(entry['data_offsets'])}"
+        )
+    expected = _nbytes(shape, _DTYPES[code].itemsize)
+    if expected is None:
+        return f"shape {_shown(shape)} of {code} is larger than 2**64 bytes"
+    if span[1] - span[0] != expected:
+        spanned = span[1] - span[0]
+        shown = f"shape {_shown(shape)} of {code}"
+        return f"{shown} needs {expected} bytes but data_offsets span {spanned}"
+    return None
+
+
+def _entry_span(entry: object) -> tuple[int, int] | None:
+    """An entry's data_offsets as (begin, end) when they are two counts in order, else None."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        return None
+    begin, end = offsets
+    return (begin, end) if begin <= end else None
+
+
+def _is_count(value: object) -> bool:
+    """A JSON integer that fits the format's u64 counts: not a bool, a float or negative."""
+    return type(value) is int and 0 <= value < _U64
+
+
+def _nbytes(shape: list[int], itemsize: int) -> int | None:
+    """Bytes of a tensor of `shape`, or None past 2**64 (checked as it grows, like the
+    library's checked multiplication: a hostile shape never makes a huge integer)."""
+    nbytes = itemsize
+    for dim in shape:
+        nbytes *= dim
+        if nbytes >= _U64:
+            return None
+    return nbytes
+
+
+def _layout_problems(spans: dict[str, tuple[int, int]], data_size: int) -> list[str]:
+    """Where the tensors' byte ranges, sorted by begin, fail to tile the data section exactly."""
+    problems = []
+    covered, last = 0, ""  # bytes of data accounted for so far, and the tensor ending there
+    for key, (begin, end) in sorted(spans.items(), key=lambda item: item[1]):
+        if begin > covered:
+            problems.append(
+                f"data bytes {covered}..{begin}, before tensor {_shown(key)}, belong to no tensor"
+            )
+        elif begin < covered:
+            problems.append(
+                f"tensor {_shown(key)} (data bytes {begin}..{end}) overlaps tensor"
+                f" {_shown(last)} (which ends at data byte {covered})"
+            )
+        if end > data_size:
+            problems.append(
+                f"tensor {_shown(key)}: data ends {end - data_size} bytes past the end of the"
+                " file: truncated"
+            )
+        if end >= covered:
+            covered, last = end, key
+    if covered < data_size:
+        problems.append(f"the last {data_size - covered} bytes of the file belong to no tensor")
+    return problems
+
+
+def _tensor_info(file: Path, key: str, entry: dict[str, Any], data_start: int) -> TensorInfo:
+    """A checked header entry as a TensorInfo."""
+    dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    return TensorInfo(key, file, dtype, shape, data_start + begin, end - begin)
 
 
 def _read_bin_header(file: Path) -> dict[str, TensorInfo]:
@@ -269,16 +513,52 @@ def _read_bin_header(file: Path) -> dict[str, TensorInfo]:
     try:
         state = torch.load(file, map_location="meta", weights_only=True)
     except Exception as e:  # zip, pickle and weights_only errors have no common base
-        state = e
+        reason = next(iter(str(e).strip().splitlines()), "")  # its first line, clipped below
+        raise CorruptCheckpoint(
+            f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: {_shown(reason)});"
+            f" expected a zip archive written by torch.save. {_REDOWNLOAD}"
+        ) from None
     if not isinstance(state, dict):
         raise CorruptCheckpoint(
-            f"{file}: not a readable PyTorch checkpoint ({state!r}). {_REDOWNLOAD}"
+            f"{file}: holds {type(state).__name__}, not a dict of tensors. {_REDOWNLOAD}"
         )
+    _check_mappable(file)
     return {
         k: TensorInfo(k, file, t.dtype, tuple(t.shape), -1, t.numel() * t.element_size())
         for k, t in state.items()
-        if isinstance(t, torch.Tensor)
+        if isinstance(k, str) and isinstance(t, torch.Tensor)
     }
+
+
+def _check_mappable(file: Path) -> None:
+    """CorruptCheckpoint unless every record of the .bin is stored as is, as torch.save writes.
+
+    torch.load(mmap=True) maps each record's bytes in place: a re-zipped (deflated) archive
+    would give the compressed bytes as weights, and the legacy pre-1.6 format cannot be
+    mapped at all.
+    """
+    fix = (
+        "devicemap maps .bin weights in place and needs them stored uncompressed, as torch.save"
+        " writes them: re-save the checkpoint, best as safetensors (safetensors.torch.save_file"
+        " or save_pretrained(..., safe_serialization=True))."
+    )
+    if not zipfile.is_zipfile(file):
+        raise CorruptCheckpoint(f"{file}: in PyTorch's legacy (pre-1.6) format, not a zip; {fix}")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            packed = [i.filename for i in archive.infolist() if _packed(i)]
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{file}: a damaged zip archive ({e}). {_REDOWNLOAD}") from None
+    if packed:
+        raise CorruptCheckpoint(
+            f"{file}: {len(packed)} record(s) are compressed or encrypted (such as"
+            f" {_shown(packed[0])}); {fix}"
+        )
+
+
+def _packed(record: zipfile.ZipInfo) -> bool:
+    """Whether a zip record's bytes on disk are not its content (compressed, or encrypted)."""
+    return record.compress_type != zipfile.ZIP_STORED or bool(record.flag_bits & 0x1)
 
 
 # --- zero-copy tensor access ------------------------------------------------
@@ -326,11 +606,28 @@ def private_map(file: Path) -> mmap.mmap:
     kernel reserves nothing up front for pages that may never be written, so a disk tier
     larger than RAM maps like a read-only one (under strict overcommit, mode 2, it counts).
     """
-    with open(file, "rb") as f:  # the map stays valid after the file is closed
+    with open(file, "rb") as f, _address_space(file):  # the map outlives the open file
         if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: copy-on-write by access mode
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         flags = mmap.MAP_PRIVATE | _MAP_NORESERVE
         return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+@contextlib.contextmanager
+def _address_space(file: Path) -> Iterator[None]:
+    """A map refused for want of address space (RLIMIT_AS, `ulimit -v`) -> DeviceOutOfMemory
+    naming cpu, not a bare OSError."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOMEM:
+            raise
+        size = os.stat(file).st_size
+        raise DeviceOutOfMemory(
+            f"cpu: mapping {file} ({size} bytes) needs more address space than this process"
+            " may use (ulimit -v / RLIMIT_AS, or a container's limit): raise that limit, or"
+            " plan with a smaller cpu/disk budget so that fewer checkpoint files are mapped"
+        ) from error
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -357,7 +654,7 @@ def _mmap_for(file: Path) -> mmap.mmap:
 
 
 def _map(file: Path, access: int) -> mmap.mmap:
-    with open(file, "rb") as f:  # the map stays valid after the file is closed
+    with open(file, "rb") as f, _address_space(file):  # the map outlives the open file
         return mmap.mmap(f.fileno(), 0, access=access)
 
 

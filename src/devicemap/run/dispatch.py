@@ -24,11 +24,13 @@ model's weights on the meta device, so device memory and mmaps go deterministica
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import functools
 import gc
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -150,7 +152,7 @@ def attach(
     hooked = boundaries(layout) if hooked is None else hooked
     state = _Dispatched(layout=layout, mover=Mover(), watched=_identities(watch))
     if state.watched:
-        faulthandler.enable()  # a page of a file cut short under it: a SIGBUS, reported
+        _report_faults()  # a page of a file cut short under it: a SIGBUS, reported
     model.__dict__[_STATE] = state
     try:
         offloads = _offloads(modules, layout, prefetch=prefetch)
@@ -340,6 +342,16 @@ def _enter(
         for offload in state.offloads:
             offload.begin()
     return _moved(state.mover, home, args, kwargs)
+
+
+def _report_faults() -> None:
+    """faulthandler on (once), writing to the process's real stderr: a SIGBUS from a mapped
+    weight whose file was cut mid-forward prints 'Fatal Python error: Bus error' and the
+    stack instead of a silent death. Where stderr has no file descriptor, left as it is."""
+    if faulthandler.is_enabled():
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        faulthandler.enable(file=sys.__stderr__)
 
 
 def _identities(files: Iterable[str | os.PathLike[str]]) -> dict[str, tuple[int, int, int, int]]:

@@ -26,7 +26,7 @@ import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 
 from ..errors import OffloadError
-from .pages import Pages, fault_in, page_ranges
+from .pages import FileRanges, Pages, drop, fault_in, file_mappings, file_ranges, page_ranges
 
 ALIGN = 256  # bytes: each tensor's offset inside a staging buffer (CUDA's allocation alignment)
 
@@ -152,10 +152,24 @@ class PagePrefetcher:
     """
 
     def __init__(
-        self, blocks: Sequence[BlockWeights], *, depth: int | None = None, log: int = 4096
+        self,
+        blocks: Sequence[BlockWeights],
+        *,
+        depth: int | None = None,
+        log: int = 4096,
+        streamed: Collection[str] = (),
     ):
         depth = depth or lookahead(blocks)
         self._pages = {b.name: page_ranges(b.host) for b in blocks}
+        # the disk tier's cache policy: blocks streamed through, their pages dropped once
+        # they have run, so the others stay resident (the plan chose which: Plan.streamed)
+        mappings = file_mappings() or []
+        self._files = {
+            name: file_ranges(self._pages[name], mappings)
+            for name in streamed
+            if name in self._pages
+        }
+        self.dropped: deque[str] = deque(maxlen=log)  # streamed blocks let go, oldest first
         self._predict = Successors([b.name for b in blocks])
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._depth = depth
@@ -167,7 +181,7 @@ class PagePrefetcher:
         self._inflight: dict[str, threading.Event] = {}  # handed to the worker: set when done
         self._thread = threading.Thread(
             target=_fault_in_forever,
-            args=(self._jobs, self._quiet, self._span),
+            args=(self._jobs, self._quiet, self._span, frozenset(self._files)),
             name="devicemap-pages",
             daemon=True,
         )
@@ -202,7 +216,12 @@ class PagePrefetcher:
         self._request_from(self._predict.observe(name), running=name)
 
     def exit(self, name: str) -> None:
-        pass
+        """A streamed block has run: the worker drops its pages (after the reads queued
+        before, so a block asked for again in this window is read after being dropped)."""
+        files = self._files.get(name)
+        if files is not None:
+            self.dropped.append(name)
+            self._jobs.put((name, self._pages[name], threading.Event(), files))
 
     def wait(self) -> None:
         """Block until every requested block has been faulted in (tests, benchmarks)."""
@@ -232,10 +251,10 @@ class PagePrefetcher:
         self.checks.append(name)
         done = threading.Event()
         self._inflight[name] = done
-        self._jobs.put((name, self._pages[name], done))
+        self._jobs.put((name, self._pages[name], done, None))
 
 
-_Job = tuple[str, Pages, threading.Event]
+_Job = tuple[str, Pages, threading.Event, FileRanges | None]  # FileRanges: drop, not read
 
 
 def _stop_worker(jobs: queue.Queue[_Job | None], thread: threading.Thread) -> None:
@@ -244,15 +263,22 @@ def _stop_worker(jobs: queue.Queue[_Job | None], thread: threading.Thread) -> No
 
 
 def _fault_in_forever(
-    jobs: queue.Queue[_Job | None], quiet: dict[str, int], span: dict[str, int]
+    jobs: queue.Queue[_Job | None],
+    quiet: dict[str, int],
+    span: dict[str, int],
+    streamed: frozenset[str],
 ) -> None:
     while True:
         job = jobs.get()
         try:
             if job is None:
                 return
-            name, pages, _ = job
-            if fault_in(pages):
+            name, pages, _, files = job
+            if files is not None:
+                drop(pages, files)
+            elif name in streamed:
+                fault_in(pages)  # missing by design: says nothing about the others
+            elif fault_in(pages):
                 # pages went missing: memory pressure or a dropped cache rarely hits one
                 # block alone, so every block is checked on every pass again, not only this
                 quiet.clear()

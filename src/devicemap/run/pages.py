@@ -7,11 +7,12 @@ bench` (measure.py) ask the kernel about them with mincore and madvise.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 PAGE = mmap.PAGESIZE  # bytes
 MADV_WILLNEED = 3
+MADV_PAGEOUT = 21  # Linux 5.4+
 MADV_POPULATE_READ = 22  # Linux 5.14+
 
 
@@ -155,6 +157,42 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int, int, int]:
     keep size and mtime (`cp -p`, `rsync -a`), never its ctime; a replaced one changes inode."""
     st = os.stat(path)
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class FileRanges:
+    """Where a block's pages come from: (path, offset, bytes) of each file-backed span."""
+
+    ranges: tuple[tuple[str, int, int], ...]
+
+
+def file_ranges(pages: Pages, mappings: Sequence[FileMapping] | None = None) -> FileRanges:
+    """The file byte ranges behind `pages` (spans not backed by a file are left out)."""
+    found = []
+    for mapping in mappings if mappings is not None else (file_mappings() or []):
+        for start, length in pages.spans:
+            lo, hi = max(start, mapping.start), min(start + length, mapping.end)
+            if lo < hi:
+                found.append((mapping.path, lo - mapping.start + mapping.offset, hi - lo))
+    return FileRanges(tuple(found))
+
+
+def drop(pages: Pages, files: FileRanges) -> None:
+    """Let the page cache forget a block that has run: MADV_PAGEOUT reclaims its pages from
+    this process's maps (a page the model wrote, copied privately, is swapped out or kept,
+    never discarded), then POSIX_FADV_DONTNEED drops the now unmapped clean pages of its
+    files. So a block streamed through once per token never pushes out the resident ones,
+    which an LRU page cache would evict first under cyclic access."""
+    if _POPULATE:  # Linux
+        for start, length in pages.spans:
+            _LIBC.madvise(start, length, MADV_PAGEOUT)
+    for path, offset, length in files.ranges:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 @dataclass(frozen=True)
