@@ -348,7 +348,7 @@ def _report_faults() -> None:
     """faulthandler on (once), writing to the process's real stderr: a SIGBUS from a mapped
     weight whose file was cut mid-forward prints 'Fatal Python error: Bus error' and the
     stack instead of a silent death. Where stderr has no file descriptor, left as it is."""
-    if faulthandler.is_enabled():
+    if faulthandler.is_enabled() or sys.__stderr__ is None:
         return
     with contextlib.suppress(AttributeError, ValueError, OSError):
         faulthandler.enable(file=sys.__stderr__)
