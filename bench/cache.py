@@ -80,7 +80,8 @@ def main() -> None:
         "verified/trusted": median(verified) / median(trusted),
         "verify_GB_s": size / 1e9 / max(median(verified) - median(trusted), 1e-9),
     }
-    write("cache", [row], notes={"command": f"python bench/cache.py --rounds {args.rounds} --model {args.model}"})  # fmt: skip
+    command = f"python bench/cache.py --rounds {args.rounds} --model {args.model}"
+    write("cache", [row], notes={"command": command})
 
 
 if __name__ == "__main__":

@@ -107,9 +107,7 @@ def test_a_source_rewritten_with_the_same_size_and_mtime_gets_a_new_cache(
     assert new != old
 
 
-def test_dead_writers_temp_files_are_swept_and_live_ones_kept(
-    model: Path, tmp_path: Path
-) -> None:
+def test_dead_writers_temp_files_are_swept_and_live_ones_kept(model: Path, tmp_path: Path) -> None:
     directory = tmp_path / "offload"
     directory.mkdir()
     dead = _dead_pid()

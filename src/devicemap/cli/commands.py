@@ -7,6 +7,7 @@ Progress, notes and summaries go to stderr; replies (or one JSON object) to stdo
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..devices import parse_device
-from ..errors import BadImage, BadOption, DevicemapError, ModelNotFound
+from ..errors import BadImage, BadOption, ContextTooLong, DevicemapError, ModelNotFound
 from ..load.loader import load
 from ..model.checkpoint import ModelSource, resolve_model
 from ..model.config import refuse_untrusted_code
@@ -37,6 +38,7 @@ from ..run.generate import (
     build_image_prompt,
     build_prompt,
     check_context,
+    replace_undecodable,
 )
 from ..run.generate import stream_reply as start_reply
 from .measure import MEASURES, BenchOptions, BenchResult, bench
@@ -310,6 +312,25 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def read_undecodable_stdin() -> None:
+    """Make standard input keep bytes that are not UTF-8 (as surrogate escapes, which
+    `valid_text` replaces) instead of failing on them; before anything reads it."""
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
+def valid_text(text: str, what: str) -> str:
+    """`text` with bytes that were not UTF-8 replaced by U+FFFD, and one warning line saying
+    so on stderr."""
+    text, replaced = replace_undecodable(text)
+    if replaced:
+        stderr.print(
+            f"warning: {what} is not valid UTF-8: {replaced} byte{'s' * (replaced != 1)}"
+            " replaced by U+FFFD (\ufffd)"
+        )
+    return text
+
+
 def placement_line(chosen: Plan) -> str:
     """'cpu: 14 blocks, disk: 18 blocks (run on cpu)': blocks per storage device."""
     stored = placement(chosen)
@@ -329,10 +350,11 @@ def placement(chosen: Plan) -> dict[str, int]:
 
 
 @contextmanager
-def command_errors() -> Iterator[None]:
-    """devicemap errors: one line, status 1 (cli.reporting_errors); Ctrl-C: status 130."""
+def command_errors(*, as_json: bool = False) -> Iterator[None]:
+    """devicemap errors: one line, status 1, and with `as_json` one JSON object on stdout
+    (cli.reporting_errors); Ctrl-C: status 130."""
     try:
-        with reporting_errors():
+        with reporting_errors(as_json=as_json):
             yield
     except KeyboardInterrupt:
         typer.echo("\n[interrupted]", err=True)
@@ -357,11 +379,14 @@ def run_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Answer one prompt, streaming the reply as it is generated (greedy by default)."""
-    with command_errors():
+    with command_errors(as_json=as_json):
         sampling = sampling_choices.sampling()
-        text = sys.stdin.read() if prompt == "-" else prompt
+        if prompt == "-":
+            read_undecodable_stdin()
+        text = valid_text(sys.stdin.read() if prompt == "-" else prompt, "the prompt")
         pictures = open_images(image or [])
         source, tokenizer = open_model(model, planning)
+        system = valid_text(system, "--system") if system else None
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": text})
         inputs: dict[str, Any] = {}
@@ -475,7 +500,7 @@ def chat_command(
                 s.model,
                 s.tokenizer,
                 sampling=sampling,
-                system=system,
+                system=valid_text(system, "--system") if system else None,
                 context=s.plan.options.context,
             )
             status = converse(chat, tty=sys.stdin.isatty())
@@ -483,7 +508,9 @@ def chat_command(
 
 
 def converse(chat: Chat, *, tty: bool) -> int:
-    """Read messages until /exit or end of input; return the exit status."""
+    """Read messages until /exit or end of input; return the exit status. A message that is
+    not valid UTF-8 is answered with U+FFFD for its bad bytes, after a warning."""
+    read_undecodable_stdin()
     if tty:
         stderr.print("type a message; /reset forgets the conversation, /exit (or Ctrl-D) ends")
     while True:
@@ -498,7 +525,7 @@ def converse(chat: Chat, *, tty: bool) -> int:
             chat.reset()
             stderr.print("[history cleared]")
         elif line.strip():
-            answer(chat, line.strip())
+            answer(chat, valid_text(line.strip(), "the message"))
 
 
 def read_message(tty: bool) -> str | None:
@@ -514,11 +541,13 @@ def read_message(tty: bool) -> str | None:
 
 
 def answer(chat: Chat, text: str) -> None:
-    """Stream one reply; a prompt past the context is reported and the session goes on."""
+    """Stream one reply; a prompt the model cannot take (past the context, refused by the chat
+    template, empty) is reported and the session goes on."""
     try:
         stream = chat.send(text)
-    except DevicemapError as error:  # ContextTooLong, an empty prompt
-        stderr.print(f"error: {error}; /reset starts a new conversation")
+    except DevicemapError as error:  # ContextTooLong, TemplateError, an empty prompt
+        hint = "; /reset starts a new conversation" if isinstance(error, ContextTooLong) else ""
+        stderr.print(f"error: {error}{hint}")
         return
     if not echo_stream(stream):
         stderr.print("[interrupted]")
@@ -548,7 +577,7 @@ def bench_command(
     Without --context or --plan it plans for exactly prompt + new tokens, so the planned
     KV cache and workspace are the ones the benchmark uses.
     """
-    with command_errors():
+    with command_errors(as_json=as_json):
         options = BenchOptions(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
         with session(ctx, planning, *open_model(model, planning), context=options.context) as s:
             check_context(

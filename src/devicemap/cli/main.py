@@ -1,7 +1,8 @@
 """The `devicemap` command line: the typer app, the `plan` command, and `run`, `chat`
-and `bench` (commands.py) registered on it.
+and `bench` (commands.py) and `cache` (cache.py) registered on it.
 
-Every devicemap error becomes one line on stderr and exit status 1, never a traceback.
+Every devicemap error becomes one line on stderr and exit status 1, never a traceback
+(and, with --json, one {"error": ...} object on stdout).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from . import commands
+from . import cache, commands
 from .options import ModelArg, PlanChoices, model_argument, options_from, reporting_errors
 from .tables import render_plan
 
@@ -49,7 +50,7 @@ def plan_command(
     ] = False,
 ) -> None:
     """Plan where every part of MODEL goes, counting KV cache, workspace and logits."""
-    with reporting_errors():
+    with reporting_errors(as_json=as_json):
         result = planning.make_plan(model_argument(model))
         if save is not None:
             result.save(save)
@@ -66,3 +67,4 @@ def plan_command(
 app.command("run")(commands.run_command)
 app.command("chat")(commands.chat_command)
 app.command("bench")(commands.bench_command)
+app.add_typer(cache.app, name="cache")

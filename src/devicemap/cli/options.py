@@ -2,13 +2,15 @@
 options as one dataclass (`PlanChoices`), `options_from` to put a dataclass's fields in a
 command's signature, parsers for DEVICE=SIZE style items, and the error reporting.
 
-Every devicemap error becomes one line on stderr and exit status 1, never a traceback.
+Every devicemap error becomes one line on stderr and exit status 1, never a traceback;
+with --json, also one {"error": {"type", "message"}} object on stdout.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -250,10 +252,14 @@ def parse_gpus(value: str | None) -> int | list[DeviceLike] | None:
 
 
 @contextmanager
-def reporting_errors() -> Iterator[None]:
-    """Turn a DevicemapError into one line on stderr and exit status 1."""
+def reporting_errors(*, as_json: bool = False) -> Iterator[None]:
+    """Turn a DevicemapError into one line on stderr and exit status 1; with `as_json` (the
+    command's --json) also into one object on stdout: {"error": {"type": ..., "message": ...}}."""
     try:
         yield
     except DevicemapError as exc:
         typer.echo(f"error: {exc}", err=True)
+        if as_json:
+            error = {"type": type(exc).__name__, "message": str(exc)}
+            typer.echo(json.dumps({"error": error}, indent=2))
         raise typer.Exit(1) from None

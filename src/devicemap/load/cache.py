@@ -315,7 +315,8 @@ def _entry(path: Path, st: os.stat_result) -> Entry:
     meta = _metadata(path)
     if meta is None or "devicemap" not in meta:
         return Entry(path, "other", "", st.st_size, st.st_atime)
-    fresh = all(_unchanged(s) for s in _sources(meta))
+    # no sources recorded: written by an older devicemap, whose names no load makes now
+    fresh = "sources" in meta and all(_unchanged(s) for s in _sources(meta))
     return Entry(path, "ok" if fresh else "stale", meta.get("model", ""), st.st_size, st.st_atime)
 
 

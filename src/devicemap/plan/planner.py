@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -126,14 +126,31 @@ class Plan:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the plan as JSON, atomically (a temp file renamed over `path`)."""
+        """Write the plan as JSON, atomically (a temp file renamed over `path`): PlanError, and
+        nothing written, when `path` is a directory or its directory is missing or unwritable."""
         path = Path(path)
+        if path.is_dir():
+            raise PlanError(
+                f"cannot save the plan to {path}: it is a directory; give a file name, such as"
+                f" {path / 'plan.json'}"
+            )
+        if not path.parent.exists():
+            raise PlanError(
+                f"cannot save the plan to {path}: the directory {path.parent} does not exist;"
+                " create it first, or give a path in an existing directory"
+            )
         text = json.dumps(self.to_json(), indent=2) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        except OSError as exc:
+            raise _not_saved(path, exc) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 out.write(text)
             os.replace(tmp, path)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise _not_saved(path, exc) from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -141,19 +158,34 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """Read a plan written by `save` (or printed by `devicemap plan --json`)."""
+        name = os.fspath(path)
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise PlanError(f"plan file {os.fspath(path)!r} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"plan file {name!r} does not exist") from None
+        except IsADirectoryError:
             raise PlanError(
-                f"plan file {os.fspath(path)!r} is not JSON ({exc}); write it with Plan.save"
+                f"plan file {name!r} is a directory; give the JSON file `devicemap plan --save`"
+                " wrote"
+            ) from None
+        except OSError as exc:
+            raise PlanError(f"plan file {name!r} cannot be read ({exc.strerror or exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise PlanError(
+                f"plan file {name!r} is not JSON ({exc}); write it with Plan.save"
                 " or `devicemap plan --save`"
             ) from None
-        return plan_from_json(data, source=os.fspath(path))
+        return plan_from_json(data, source=name)
 
     def _device_list(self) -> str:
         return ", ".join(str(u.device) for u in self.devices)
+
+
+def _not_saved(path: Path, error: OSError) -> PlanError:
+    return PlanError(
+        f"cannot save the plan to {path} ({error.strerror or error}); nothing was written:"
+        " give a path in a directory you can write to"
+    )
 
 
 def plan_fingerprint(skeleton: Skeleton) -> str:
@@ -162,29 +194,120 @@ def plan_fingerprint(skeleton: Skeleton) -> str:
 
 
 def plan_from_json(data: Any, *, source: str = "<json>") -> Plan:
-    """Rebuild a Plan from `Plan.to_json()` output; wrong versions are PlanMismatch."""
+    """Rebuild a Plan from `Plan.to_json()` output; wrong versions are PlanMismatch, and
+    PlanError names every field that is missing or not what the format says, all at once."""
     if not isinstance(data, dict) or "format" not in data:
         raise PlanError(f"{source} is not a devicemap plan (no 'format' key)")
-    if data["format"] != PLAN_FORMAT:
+    if not _is_int(data["format"]) or data["format"] != PLAN_FORMAT:
         raise PlanMismatch(
             f"{source} is plan format {data['format']!r}, this devicemap reads format"
             f" {PLAN_FORMAT}; make the plan again with this version"
         )
-    try:
-        return Plan(
-            model=str(data["model"]),
-            fingerprint=str(data["fingerprint"]),
-            dtype=_parse_dtype(data["dtype"]),
-            options=_options_from_json(data["options"]),
-            device_map=dict(data["device_map"]),
-            exec_map=dict(data["exec_map"]),
-            devices=tuple(_usage_from_json(u) for u in data["devices"]),
-            max_context=int(data["max_context"]),
-            order=data["order"],
-            reasons=tuple(data["reasons"]),
+    read = _PlanFields()
+    model, fingerprint = read.get(data, "model", _TEXT), read.get(data, "fingerprint", _TEXT)
+    dtype = read.get(data, "dtype", _DTYPE)
+    options = read.get(data, "options", _OBJECT)
+    options = None if options is None else _options_from_json(read, options)
+    device_map, exec_map = read.device_map(data, "device_map"), read.device_map(data, "exec_map")
+    devices = read.get(data, "devices", _ENTRIES) or []
+    usages = [_usage_from_json(read, u, f"devices[{i}]") for i, u in enumerate(devices)]
+    max_context = read.get(data, "max_context", _POSITIVE)
+    order = read.get(data, "order", _one_of(("forward", "registration")))
+    reasons = read.get(data, "reasons", _TEXTS)
+    if read.problems or options is None:  # None: noted as a problem
+        raise PlanError(
+            f"{source} is a damaged plan file: {'; '.join(read.problems)}. Make it again with"
+            " `devicemap plan --save`"
         )
-    except (KeyError, TypeError, ValueError, AttributeError, DevicemapError) as exc:
-        raise PlanError(f"{source} is a damaged plan file ({type(exc).__name__}: {exc})") from None
+    return Plan(
+        model=model,
+        fingerprint=fingerprint,
+        dtype=_parse_dtype(dtype),
+        options=options,
+        device_map=device_map,
+        exec_map=exec_map,
+        devices=tuple(u for u in usages if u is not None),  # none is: no problems
+        max_context=max_context,
+        order=order,
+        reasons=tuple(reasons),
+    )
+
+
+_Check = tuple[Callable[[Any], bool], str]  # a test of a JSON value, and what it must be
+_MISSING = object()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_device(value: Any) -> bool:
+    try:
+        parse_device(value)
+    except DevicemapError:
+        return False
+    return True
+
+
+def _is_dtype(value: Any) -> bool:
+    return isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)
+
+
+def _one_of(choices: tuple[str, ...]) -> _Check:
+    return (lambda v: isinstance(v, str) and v in choices), "one of " + ", ".join(choices)
+
+
+# what each field of a plan's JSON must be (JSON's Infinity and NaN are no whole numbers)
+_TEXT: _Check = (lambda v: isinstance(v, str)), "a string"
+_TEXTS: _Check = (
+    (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
+    "a list of strings",
+)
+_OBJECT: _Check = (lambda v: isinstance(v, dict)), "an object"
+_ENTRIES: _Check = (lambda v: isinstance(v, list) and bool(v)), "a list of the devices' entries"
+_COUNT: _Check = (lambda v: _is_int(v) and v >= 0), "a whole number >= 0"
+_POSITIVE: _Check = (lambda v: _is_int(v) and v >= 1), "a whole number >= 1"
+_OPTIONAL_POSITIVE: _Check = (lambda v: v is None or _POSITIVE[0](v)), "null or a whole number >= 1"
+_DEVICE: _Check = _is_device, "a device (0, 'cuda:1', 'cpu', 'disk' or 'mps')"
+_DTYPE: _Check = _is_dtype, "a torch dtype name ('bfloat16', 'float32', ...)"
+
+
+class _PlanFields:
+    """Reads a plan's JSON field by field: each field that is missing or fails its check is
+    noted by its path ("options.context", "devices[1].weights") and reading goes on, so one
+    error names them all."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def get(
+        self, data: dict[str, Any], key: str, check: _Check, *, path: str = "",
+        default: Any = _MISSING,
+    ) -> Any:  # fmt: skip
+        """data[key] if it passes `check`, else None (noted); `default` if it is absent."""
+        if key not in data:
+            if default is _MISSING:
+                self.problems.append(f"{path}{key} is missing")
+                return None
+            return default
+        test, expected = check
+        if test(data[key]):
+            return data[key]
+        self.problems.append(f"{path}{key} is {_shown(data[key])}, not {expected}")
+        return None
+
+    def device_map(self, data: dict[str, Any], key: str, *, path: str = "") -> dict[str, Any]:
+        """A {module prefix: device} map, each device checked."""
+        mapping = self.get(data, key, _OBJECT, path=path) or {}
+        for name in mapping:
+            self.get(mapping, name, _DEVICE, path=f"{path}{key}.")
+        return dict(mapping)
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the file has it, cut to 40 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _parse_dtype(name: str) -> torch.dtype:
@@ -208,17 +331,22 @@ def _options_to_json(options: PlanOptions) -> dict[str, Any]:
     }
 
 
-def _options_from_json(data: dict[str, Any]) -> PlanOptions:
+def _options_from_json(read: _PlanFields, data: dict[str, Any]) -> PlanOptions:
+    def get(key: str, check: _Check, **default: Any) -> Any:
+        return read.get(data, key, check, path="options.", **default)
+
+    pins = read.device_map(data, "pins", path="options.")
     return PlanOptions(
-        context=int(data["context"]),
-        batch=int(data["batch"]),
-        prefill=None if data["prefill"] is None else int(data["prefill"]),
-        strategy=data["strategy"],
-        pins={prefix: parse_device(dev) for prefix, dev in data["pins"].items()},
-        offload_exec=data["offload_exec"],
-        logits=data["logits"],
-        images=int(data.get("images", 0)),  # plans saved before images were planned: none
-        expert_cache=int(data.get("expert_cache", 0)),
+        context=get("context", _POSITIVE),
+        batch=get("batch", _POSITIVE),
+        prefill=get("prefill", _OPTIONAL_POSITIVE),
+        strategy=get("strategy", _one_of(get_args(Strategy))),
+        pins={prefix: parse_device(dev) for prefix, dev in pins.items() if _is_device(dev)},
+        offload_exec=get("offload_exec", _one_of(get_args(OffloadExec))),
+        logits=get("logits", _one_of(get_args(Logits))),
+        # plans saved before images or the expert cache were planned: none
+        images=get("images", _COUNT, default=0),
+        expert_cache=get("expert_cache", _COUNT, default=0),
     )
 
 
@@ -231,10 +359,17 @@ def _usage_to_json(usage: DeviceUsage) -> dict[str, Any]:
     return {"device": str(usage.device), **{name: getattr(usage, name) for name in names}}
 
 
-def _usage_from_json(data: dict[str, Any]) -> DeviceUsage:
-    sizes = {name: int(data[name]) for name in _USAGE_BYTES}
-    sizes.update({name: int(data.get(name, 0)) for name in _USAGE_OPTIONAL})
-    return DeviceUsage(device=parse_device(data["device"]), **sizes)
+def _usage_from_json(read: _PlanFields, data: Any, where: str) -> DeviceUsage | None:
+    """One device's entry of "devices" (None, noted, when it is not an object)."""
+    if not isinstance(data, dict):
+        read.problems.append(f"{where} is {_shown(data)}, not an object")
+        return None
+    path = f"{where}."
+    device = read.get(data, "device", _DEVICE, path=path)
+    sizes = {name: read.get(data, name, _COUNT, path=path) for name in _USAGE_BYTES}
+    for name in _USAGE_OPTIONAL:
+        sizes[name] = read.get(data, name, _COUNT, path=path, default=0)
+    return DeviceUsage(device=CPU if device is None else parse_device(device), **sizes)
 
 
 # --- the public wrapper -----------------------------------------------------

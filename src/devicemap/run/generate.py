@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..errors import BadOption, ContextTooLong
+from ..errors import BadOption, ContextTooLong, TemplateError
 
 Message = Mapping[str, str]  # {"role": "user" | "assistant" | "system", "content": text}
 FinishReason = Literal["stop", "length", "interrupted"]
@@ -28,6 +29,9 @@ _HOLD_TOKENS = 4  # tokens a piece ending in U+FFFD waits for the rest of its ch
 
 _POLL_S = 0.1  # seconds between checks of the token queue; keeps Ctrl-C prompt on every OS
 _CONTEXT_STEP = 256  # tokens; suggested --context values are rounded up to this
+# a character standing for a byte that was not UTF-8 (Python's surrogate escapes, as in
+# sys.argv) or half a UTF-16 pair: no tokenizer encodes these
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --- options -----------------------------------------------------------------
@@ -120,20 +124,62 @@ def check_context(
 def build_prompt(
     tokenizer: Any, prompt: str | Sequence[Message], *, raw: bool = False
 ) -> torch.Tensor:
-    """Token ids [1, T] (int64), through the chat template if the tokenizer has one, unless raw."""
+    """Token ids [1, T] (int64), through the chat template if the tokenizer has one, unless raw.
+
+    Characters that stand for bytes that were not UTF-8 become U+FFFD (`replace_undecodable`)."""
     if raw or not getattr(tokenizer, "chat_template", None):
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        text, _ = replace_undecodable(text)
         ids = tokenizer(text, return_tensors="pt").input_ids
     else:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
-        )
+        text, _ = replace_undecodable(apply_template(tokenizer, messages))
         # the template writes its own special tokens (BOS included, where the model wants one)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[-1] == 0:
         raise BadOption("the prompt is empty: give at least one token of text", options=("prompt",))
     return ids  # type: ignore[no-any-return]
+
+
+def replace_undecodable(text: str) -> tuple[str, int]:
+    """`text` with every character that stands for a byte that was not UTF-8 (a surrogate
+    escape: sys.argv, or a stream read with errors="surrogateescape") or for half a UTF-16 pair
+    replaced by U+FFFD, and how many were replaced."""
+    return _SURROGATE.subn("\ufffd", text)
+
+
+def apply_template(owner: Any, messages: Sequence[Mapping[str, Any]]) -> str:
+    """The chat template of `owner` (a tokenizer or processor) applied to `messages`, ending
+    with the generation prompt, as text. A template that fails (raise_exception, a syntax
+    error, an undefined name) is a TemplateError saying what to do instead."""
+    import jinja2
+
+    try:
+        text = owner.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
+    except jinja2.TemplateError as error:
+        raise _template_error(error, messages) from None
+    return str(text)
+
+
+def _template_error(error: Exception, messages: Sequence[Mapping[str, Any]]) -> TemplateError:
+    import jinja2
+
+    reason = " ".join(str(error).split()) or type(error).__name__  # one line
+    skip = "feed the prompt without the template: raw=True (--raw on `devicemap run`)"
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        line = f", line {error.lineno}" if error.lineno else ""
+        return TemplateError(
+            f"the model's chat template is not valid Jinja ({reason}{line}): fix chat_template"
+            f" in its tokenizer_config.json (or chat_template.jinja), or {skip}"
+        )
+    if "system" in reason.lower() and any(m.get("role") == "system" for m in messages):
+        return TemplateError(
+            f"this model's chat template does not support a system prompt: omit --system (the"
+            f" template says {reason!r})"
+        )
+    return TemplateError(f"the model's chat template failed on these messages ({reason}); {skip}")
 
 
 def build_image_prompt(
@@ -153,18 +199,19 @@ def build_image_prompt(
     marker = getattr(processor, "image_token", None)
     tokenizer: Any = getattr(processor, "tokenizer", None)
     if getattr(processor, "chat_template", None):
-        text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        text = apply_template(processor, turns)
     elif isinstance(marker, str) and getattr(tokenizer, "chat_template", None):
         # no template of its own: the tokenizer's, the processor's image marker per image
         plain = [dict(m) for m in messages]
         plain[-1]["content"] = "".join(f"{marker}\n" for _ in images) + plain[-1]["content"]
-        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+        text = apply_template(tokenizer, plain)
     else:
         raise BadOption(
             "the model's processor has neither a chat template nor an image token, so devicemap"
             " cannot tell where the image goes in the prompt",
             options=("image",),
         )
+    text, _ = replace_undecodable(text)
     try:  # the template wrote the special tokens already
         batch = processor(
             text=text, images=list(images), return_tensors="pt", add_special_tokens=False
