@@ -88,6 +88,15 @@ ExpertCacheOpt = Annotated[
         " off the GPUs are computed by the CPU.",
     ),
 ]
+PageCacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--page-cache",
+        help="How much of the disk tier may stay in the page cache (16GiB, 12GB); disk blocks"
+        " beyond it are streamed through, read each token. Default: this machine's free RAM"
+        " (cgroup limits included) beyond the cpu budget, less a tenth.",
+    ),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -117,6 +126,7 @@ class PlanChoices:
     logits: LogitsOpt = "last"
     images: ImagesOpt = None
     expert_cache: ExpertCacheOpt = 0
+    page_cache: PageCacheOpt = None
     trust_remote_code: TrustOpt = False
 
     def make_plan(
@@ -138,6 +148,7 @@ class PlanChoices:
             trust_remote_code=self.trust_remote_code,
             images=images if self.images is None else self.images,
             expert_cache=self.expert_cache,
+            page_cache=self.page_cache,
         )
 
 

@@ -27,6 +27,9 @@ class PlanOptions:
     # slots of the GPU expert cache on each GPU (run/expert_cache.py): routed experts stored
     # in RAM or on disk, copied in least-recently-used to be computed on the GPU; 0 = none
     expert_cache: int = 0
+    # bytes of page cache the disk tier may keep: disk blocks beyond it are streamed through
+    # (read each token, dropped once run) so the rest stay resident; None = keep them all
+    page_cache: int | None = None
 
     def logits_tokens(self, context: int | None = None) -> int:
         """Tokens per sequence whose logits exist at once."""

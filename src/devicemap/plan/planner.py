@@ -15,14 +15,15 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 
-from ..devices import CPU, Device, DeviceLike, SizeLike, format_size, parse_device
+from ..devices import CPU, DISK, Device, DeviceLike, SizeLike, format_size, parse_device
 from ..errors import BadOption, DevicemapError, PinError, PlanError, PlanMismatch
 from ..model.config import dtype_name
 from ..model.skeleton import Block, Skeleton, build_skeleton
@@ -81,6 +82,9 @@ class Plan:
     max_context: int  # the longest context this placement can hold at this batch
     order: Literal["forward", "registration"]
     reasons: tuple[str, ...]  # explanation lines, see explain()
+    # disk blocks streamed through the page cache (read each token, dropped once run) so
+    # the other disk blocks stay resident: the disk tier's cache policy (page_cache option)
+    streamed: tuple[str, ...] = ()
 
     def explain(self) -> str:
         """Why each device holds what it holds, what did not fit where, pins and ties."""
@@ -123,6 +127,7 @@ class Plan:
             "max_context": self.max_context,
             "order": self.order,
             "reasons": list(self.reasons),
+            "streamed": list(self.streamed),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -214,6 +219,7 @@ def plan_from_json(data: Any, *, source: str = "<json>") -> Plan:
     max_context = read.get(data, "max_context", _POSITIVE)
     order = read.get(data, "order", _one_of(("forward", "registration")))
     reasons = read.get(data, "reasons", _TEXTS)
+    streamed = read.get(data, "streamed", _TEXTS, default=[])  # none in older plans
     if read.problems or options is None:  # None: noted as a problem
         raise PlanError(
             f"{source} is a damaged plan file: {'; '.join(read.problems)}. Make it again with"
@@ -230,6 +236,7 @@ def plan_from_json(data: Any, *, source: str = "<json>") -> Plan:
         max_context=max_context,
         order=order,
         reasons=tuple(reasons),
+        streamed=tuple(streamed),
     )
 
 
@@ -268,6 +275,7 @@ _ENTRIES: _Check = (lambda v: isinstance(v, list) and bool(v)), "a list of the d
 _COUNT: _Check = (lambda v: _is_int(v) and v >= 0), "a whole number >= 0"
 _POSITIVE: _Check = (lambda v: _is_int(v) and v >= 1), "a whole number >= 1"
 _OPTIONAL_POSITIVE: _Check = (lambda v: v is None or _POSITIVE[0](v)), "null or a whole number >= 1"
+_OPTIONAL_COUNT: _Check = (lambda v: v is None or _COUNT[0](v)), "null or a whole number >= 0"
 _DEVICE: _Check = _is_device, "a device (0, 'cuda:1', 'cpu', 'disk' or 'mps')"
 _DTYPE: _Check = _is_dtype, "a torch dtype name ('bfloat16', 'float32', ...)"
 
@@ -328,6 +336,7 @@ def _options_to_json(options: PlanOptions) -> dict[str, Any]:
         "logits": options.logits,
         "images": options.images,
         "expert_cache": options.expert_cache,
+        "page_cache": options.page_cache,
     }
 
 
@@ -347,6 +356,7 @@ def _options_from_json(read: _PlanFields, data: dict[str, Any]) -> PlanOptions:
         # plans saved before images or the expert cache were planned: none
         images=get("images", _COUNT, default=0),
         expert_cache=get("expert_cache", _COUNT, default=0),
+        page_cache=get("page_cache", _OPTIONAL_COUNT, default=None),
     )
 
 
@@ -391,16 +401,34 @@ def plan(
     logits: Logits = "last",
     images: int | None = None,
     expert_cache: int = 0,
+    page_cache: SizeLike | None = None,
 ) -> Plan:
     """Plan where every part of `model` goes (a path, config.json, hub id or Skeleton).
 
     `images`: images per prompt the vision tower's workspace is planned for (default: 1 for
     a model with a vision tower that says its image size, else 0). `expert_cache`: slots per
-    GPU for routed experts stored off the GPUs, copied in least-recently-used (0: none)."""
-    from ..devices import resolve_budgets  # the only part that may look at this machine
+    GPU for routed experts stored off the GPUs, copied in least-recently-used (0: none).
+    `page_cache`: how much of the disk tier may stay in the page cache (the rest is streamed
+    through it); default: what this machine's RAM (cgroup limits included) has free beyond
+    the cpu budget, less a tenth."""
+    from ..devices import cpu_memory, parse_size, resolve_budgets  # this machine, only here
 
     skeleton = _skeleton_of(model, dtype, no_split, trust_remote_code)
     budgets = resolve_budgets(max_memory, gpus=gpus)
+    cache: int | None = None
+    if page_cache is not None:
+        cache = parse_size(page_cache)
+    elif DISK in budgets:
+        free = cpu_memory()[0]
+        cache = max(0, int(free * 0.9) - budgets.get(CPU, 0))
+        if max_memory is not None and budgets.get(CPU, 0) > free:
+            warnings.warn(
+                f"the cpu budget ({format_size(budgets[CPU])}) is more than this process may"
+                f" use now ({format_size(free)} free, cgroup limits included): loading may"
+                " swap or be killed; give --max-memory cpu= at most that",
+                MemoryWarning,
+                stacklevel=2,
+            )
     options = PlanOptions(
         context=default_context(skeleton) if context is None else context,
         batch=batch,
@@ -410,8 +438,13 @@ def plan(
         logits=logits,
         images=default_images(skeleton) if images is None else images,
         expert_cache=expert_cache,
+        page_cache=cache,
     )
     return make_plan(skeleton, budgets, options)
+
+
+class MemoryWarning(UserWarning):
+    """A budget larger than the memory this process may really use."""
 
 
 def default_images(skeleton: Skeleton) -> int:
@@ -529,6 +562,8 @@ def make_plan(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOp
     for usage in devices:  # the fill's loads bound these from above
         assert usage.used <= usage.budget, f"planner exceeded the budget of {usage.device}"
     blocks = skeleton.blocks
+    on_disk = [b for b, d in zip(blocks, stored, strict=True) if d == DISK and b.nbytes]
+    streamed = disk_split(on_disk, options.page_cache)
     return Plan(
         model=skeleton.source.name,
         fingerprint=plan_fingerprint(skeleton),
@@ -541,8 +576,54 @@ def make_plan(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOp
         devices=devices,
         max_context=_max_context(lay, tallies),
         order=skeleton.order,
-        reasons=_reasons(placed, devices, tallies),
+        reasons=(*_reasons(placed, devices, tallies), *_disk_lines(on_disk, streamed, options)),
+        streamed=streamed,
     )
+
+
+def disk_split(on_disk: Sequence[Block], page_cache: int | None) -> tuple[str, ...]:
+    """The disk blocks to stream through the page cache so that the others stay resident in
+    `page_cache` bytes: none when all fit (or no limit is set), else the fewest blocks,
+    spread evenly through execution order (the reads of each overlap the compute of the
+    resident blocks before it). The window of blocks on their way takes room too: three
+    of the largest disk blocks, at least 64 MiB more than one."""
+    if page_cache is None or not on_disk:
+        return ()
+    total = sum(b.nbytes for b in on_disk)
+    largest = max(b.nbytes for b in on_disk)
+    window = max(3 * largest, largest + (64 << 20))
+    if total + window <= page_cache:
+        return ()
+    room = page_cache - window
+    count = len(on_disk)
+    for stream in range(1, count + 1):
+        chosen = {int((j + 0.5) * count / stream) for j in range(stream)}
+        if sum(b.nbytes for i, b in enumerate(on_disk) if i not in chosen) <= room:
+            return tuple(b.name for i, b in enumerate(on_disk) if i in chosen)
+    return tuple(b.name for b in on_disk)  # pragma: no cover - stream == count always fits
+
+
+def _disk_lines(
+    on_disk: Sequence[Block], streamed: tuple[str, ...], options: PlanOptions
+) -> list[str]:
+    """'disk: 14 blocks resident (8.4 GiB of the 12 GiB page cache), 12 streamed ...'."""
+    if not on_disk or options.page_cache is None:
+        return []
+    gone = set(streamed)
+    kept = [b for b in on_disk if b.name not in gone]
+    cache = format_size(options.page_cache)
+    if not gone:
+        return [
+            f"disk: all {len(on_disk)} blocks stay in the page cache"
+            f" ({format_size(sum(b.nbytes for b in kept))} of {cache})"
+        ]
+    read = sum(b.nbytes for b in on_disk if b.name in gone)
+    return [
+        f"disk: {len(kept)} blocks resident ({format_size(sum(b.nbytes for b in kept))} of the"
+        f" {cache} page cache), {len(gone)} streamed ({format_size(read)} read per token,"
+        " dropped from the page cache once they have run, so the resident ones stay):"
+        f" {list_names(sorted(gone, key=[b.name for b in on_disk].index))}"
+    ]
 
 
 def expert_pool(

@@ -63,6 +63,7 @@ class Layout:
     execution: Mapping[str, Device]
     traced: bool = True  # False: `order` is registration order, not the traced forward order
     expert_cache: int = 0  # slots of each GPU's pool for routed experts stored off the GPUs
+    streamed: frozenset[str] = frozenset()  # disk blocks read each token and then dropped
 
 
 def layout_of(plan: Plan) -> Layout:
@@ -80,6 +81,7 @@ def layout_of(plan: Plan) -> Layout:
         execution={name: parse_device(plan.exec_map[name]) for name in order},
         traced=plan.order == "forward",
         expert_cache=plan.options.expert_cache,
+        streamed=frozenset(plan.streamed),
     )
 
 
@@ -294,11 +296,13 @@ def _offloads(
     for device, blocks in streamed.items():
         blocks = [b for b in blocks if b.nbytes]
         if blocks:
-            streamer = GpuStreamer(device.torch(), blocks, prefetch=prefetch)
+            streamer = GpuStreamer(
+                device.torch(), blocks, prefetch=prefetch, streamed=layout.streamed
+            )
             offloads.update((b.name, streamer) for b in blocks)
     paged = [b for b in paged if b.nbytes]
     if paged and prefetch:
-        prefetcher = PagePrefetcher(paged)
+        prefetcher = PagePrefetcher(paged, streamed=layout.streamed)
         offloads.update((b.name, prefetcher) for b in paged)
     return offloads
 
@@ -413,7 +417,7 @@ def _hook_block(
         return _moved(mover, device, args, kwargs) if move else None
 
     state.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-    if isinstance(off, GpuStreamer):
+    if isinstance(off, GpuStreamer) or (isinstance(off, PagePrefetcher) and off.streams(name)):
         exit_ = functools.partial(_exit_block, off, name)
         state.handles.append(module.register_forward_hook(exit_, always_call=True))
 

@@ -163,7 +163,7 @@ class PagePrefetcher:
         self._pages = {b.name: page_ranges(b.host) for b in blocks}
         # the disk tier's cache policy: blocks streamed through, their pages dropped once
         # they have run, so the others stay resident (the plan chose which: Plan.streamed)
-        mappings = file_mappings() or []
+        mappings = (file_mappings() or []) if streamed else []
         self._files = {
             name: file_ranges(self._pages[name], mappings)
             for name in streamed
@@ -214,6 +214,10 @@ class PagePrefetcher:
         if pending is not None:
             pending.wait()
         self._request_from(self._predict.observe(name), running=name)
+
+    def streams(self, name: str) -> bool:
+        """Whether `name` is streamed (its pages dropped once it has run)."""
+        return name in self._files
 
     def exit(self, name: str) -> None:
         """A streamed block has run: the worker drops its pages (after the reads queued
@@ -312,7 +316,14 @@ class GpuStreamer:
     RING_SLOTS = 4  # pinned chunks a disk block is staged through
     RING_CHUNK = 64 << 20  # bytes per chunk
 
-    def __init__(self, device: torch.device, blocks: Sequence[BlockWeights], *, prefetch: bool):
+    def __init__(
+        self,
+        device: torch.device,
+        blocks: Sequence[BlockWeights],
+        *,
+        prefetch: bool,
+        streamed: Collection[str] = (),
+    ):
         assert blocks, "GpuStreamer needs at least one block"
         self.device = device
         self.prefetch = prefetch
@@ -323,6 +334,11 @@ class GpuStreamer:
         capacity = max(b.nbytes for b in blocks)  # bytes: the largest block fits one slot
         self._pages = {  # of the staged (disk) blocks: read in before the staging copy
             b.name: page_ranges(b.host) for b in blocks if b.name not in self._pinned
+        }
+        mappings = (file_mappings() or []) if streamed else []
+        # disk blocks the plan streams: their pages dropped once staged (Plan.streamed)
+        self._drop = {
+            n: file_ranges(self._pages[n], mappings) for n in streamed if n in self._pages
         }
         staged = max((self._blocks[n].nbytes for n in self._pages), default=0)  # bytes
         chunk = min(self.RING_CHUNK, staged)
@@ -471,6 +487,9 @@ class GpuStreamer:
                     ring[lo - start : hi - start].copy_(raw[lo - offset : hi - offset])
             buffer[start:end].copy_(ring[: end - start], non_blocking=True)
             self._ring_free[r].record(self._stream)
+        files = self._drop.get(name)
+        if files is not None:  # its bytes are in pinned memory or on their way: let go
+            drop(self._pages[name], files)
 
     def _slot_views(self, name: str, slot: int) -> list[torch.Tensor]:
         views = self._views.get((name, slot))
