@@ -7,15 +7,12 @@ cgroup v1's memory controller mounted, runs a process in a real 4 GiB cgroup.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
-import time
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 
+from cgroup import memory_cgroup, run_in, why_not
 from devicemap import devices
 from devicemap.devices import CPU, cpu_memory, inventory
 
@@ -185,7 +182,6 @@ def test_inventory_reports_the_cgroup_figure(
 
 # --- a real cgroup ------------------------------------------------------------
 
-V1_MEMORY = Path("/sys/fs/cgroup/memory")
 CHILD = """
 import psutil
 from devicemap.devices import CPU, inventory
@@ -193,51 +189,17 @@ print(psutil.virtual_memory().available, inventory().free[CPU])
 """
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux" or not hasattr(os, "geteuid") or os.geteuid() != 0,
-    reason="creating a cgroup needs root on Linux",
-)
-@pytest.mark.skipif(
-    not (V1_MEMORY / "cgroup.procs").is_file(), reason="cgroup v1 memory is not mounted"
-)
-def test_real_v1_cgroup_limit(tmp_path: Path) -> None:
+@pytest.mark.skipif(why_not() is not None, reason=str(why_not()))
+def test_real_v1_cgroup_limit() -> None:
     """A process in a 4 GiB memory cgroup is told at most 4 GiB is free, whatever the machine."""
-    group = V1_MEMORY / f"devicemap-test-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        group.mkdir()
-    except OSError as e:  # read-only /sys, no permission in this container
+        with memory_cgroup(4 * GIB) as group:
+            run = run_in(group, CHILD, [], timeout=120)
+    except PermissionError as e:  # read-only /sys, no permission in this container
         pytest.skip(f"cannot create a memory cgroup: {e}")
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(4 * GIB))
-        # the shell joins the cgroup, then becomes python: everything it allocates is charged
-        join = 'echo $$ > "$1/cgroup.procs" && exec "$2" -c "$3"'
-        src = Path(__file__).resolve().parents[1] / "src"
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
-        }
-        run = subprocess.run(
-            ["sh", "-c", join, "sh", str(group), sys.executable, CHILD],
-            capture_output=True, text=True, timeout=120, env=env, check=False,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr[-2000:]
-        machine, free = map(int, run.stdout.split()[-2:])
-        assert 0 < free <= 4 * GIB
-        assert free > 2 * GIB  # python and torch use far less than 2 GiB of the 4
-        if machine > 4 * GIB:
-            assert free < machine  # the cgroup, not psutil, set the figure
-    finally:
-        _remove(group)
-
-
-def _remove(group: Path) -> None:
-    """rmdir the cgroup once the child is gone (the kernel may take a moment to let go)."""
-    for _ in range(50):
-        try:
-            group.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    group.rmdir()  # raise, so a cgroup left behind is seen
+    assert run.returncode == 0, run.stderr[-2000:]
+    machine, free = map(int, run.stdout.split()[-2:])
+    assert 0 < free <= 4 * GIB
+    assert free > 2 * GIB  # python and torch use far less than 2 GiB of the 4
+    if machine > 4 * GIB:
+        assert free < machine  # the cgroup, not psutil, set the figure
