@@ -310,3 +310,110 @@ def test_build_prompt_raises_template_error() -> None:
     with pytest.raises(TemplateError, match="does not support a system prompt"):
         build_prompt(tokenizer, [{"role": "system", "content": "x"}, *user("hi")])
     assert build_prompt(tokenizer, "caf\udce9").shape[-1] > 0  # replaced, not a TypeError
+
+
+# --- found by a hostile review: saving over files, cache names, odd files ---------------
+
+
+def test_save_never_replaces_a_model_file_or_a_special_file(llama: Path, tmp_path: Path) -> None:
+    import os
+
+    model = tmp_path / "model"
+    shutil.copytree(llama, model)
+    for victim in (model / "config.json", next(model.glob("*.safetensors"))):
+        before = victim.read_bytes()
+        result = invoke("plan", model, "--max-memory", "cpu=1GB", "--save", victim)
+        assert result.exit_code == 1 and "is not a devicemap plan" in result.stderr
+        assert victim.read_bytes() == before
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = invoke("plan", model, "--max-memory", "cpu=1GB", "--save", fifo)
+    assert result.exit_code == 1 and "not a regular file" in result.stderr
+    assert fifo.is_fifo()
+    plan_file = tmp_path / "plan.json"  # a plan is replaced by the new plan, as before
+    for _ in range(2):
+        assert invoke("plan", model, "--max-memory", "cpu=1GB", "--save", plan_file).exit_code == 0
+
+
+def test_a_plan_path_that_is_a_fifo_or_huge_is_refused_not_read(
+    llama: Path, tmp_path: Path
+) -> None:
+    import os
+
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)
+    result = invoke("run", llama, "-p", "hi", "--plan", fifo)
+    assert result.exit_code == 1 and "not a regular file" in result.stderr
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate((64 << 20) + 1)  # sparse: no disk used
+    result = invoke("run", llama, "-p", "hi", "--plan", huge)
+    assert result.exit_code == 1 and "more than any plan" in result.stderr
+
+
+def test_cache_rm_with_an_empty_name_deletes_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from devicemap.cli.cache import app as cache_app
+
+    directory = tmp_path / "offload"
+    directory.mkdir()
+    (directory / ("a" * 32 + ".safetensors")).write_bytes(b"x")
+    (directory / "x.safetensors.tmp-999999-00bb").mkdir()  # a directory with a temp's name
+    for name in ("", " "):
+        result = CliRunner().invoke(cache_app, ["rm", name, "--dir", str(directory)])
+        assert result.exit_code == 1 and "empty name" in result.output
+    assert len(list(directory.iterdir())) == 2
+    result = CliRunner().invoke(cache_app, ["rm", "--all", "--dir", str(directory)])
+    assert result.exit_code == 0 and result.exception is None  # the directory is left alone
+    result = CliRunner().invoke(cache_app, ["ls", "--dir", str(tmp_path / "missing")])
+    assert result.exit_code == 0  # a missing directory: nothing cached
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_act": "not_an_act"}, "cannot be built from this config (KeyError: 'not_an_act')"),
+        ({"pad_token_id": 10**6}, "Padding_idx must be within num_embeddings"),
+        ({"torch_dtype": "int8", "dtype": "int8"}, "is 'int8', not a dtype weights are planned in"),
+    ],
+)
+def test_config_values_only_the_model_refuses_are_config_errors(
+    changes: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path / "bad", **changes)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_skeleton(path)
+
+
+def test_a_config_nested_too_deeply(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        build_skeleton(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{% for i in range(10**11) %}{% endfor %}", "{{ 'abc' | truncate(-5) }}"],
+)
+def test_templates_that_fail_inside_jinja_are_template_errors(template: str) -> None:
+    with pytest.raises(TemplateError, match="--raw"):
+        build_prompt(byte_tokenizer(template=template), "hi")
+
+
+def test_an_image_that_is_a_fifo_or_a_bomb_is_bad_image(tmp_path: Path) -> None:
+    import os
+
+    from PIL import Image
+
+    from devicemap.cli.commands import open_images
+    from devicemap.errors import BadImage
+
+    fifo = tmp_path / "img.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(BadImage, match="not a regular file"):
+        open_images([str(fifo)])
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpx: over PIL's bomb limit
+    with pytest.raises(BadImage, match="too large to decode safely"):
+        open_images([str(bomb)])

@@ -79,7 +79,7 @@ def test_message_past_the_context_is_refused_and_the_session_goes_on(llama: Path
 def test_bad_sampling_value_exits_before_loading(llama: Path) -> None:
     result = chat(llama, "hello\n", "--temperature", "-1")
     assert result.exit_code == 1
-    assert result.stderr == "error: temperature must be ≥ 0 (0 = greedy), got -1.0\n"
+    assert result.stderr == "error: temperature must be 0 (greedy) or ≥ 0.0001, got -1.0\n"
 
 
 # --- a real process ------------------------------------------------------------------

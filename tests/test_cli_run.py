@@ -185,7 +185,10 @@ def test_prompt_and_new_tokens_past_the_model(llama: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--temperature", "-1"], "temperature must be ≥ 0 (0 = greedy), got -1.0"),
+        (
+            ["--temperature", "-1"],
+            "temperature must be 0 (greedy) or ≥ 0.0001, got -1.0",
+        ),
         (["--top-p", "2", "--top-k", "-3"], "top_p must be in (0, 1]"),
         (["--max-new-tokens", "0"], "max_new_tokens must be an integer ≥ 1, got 0"),
     ],

@@ -16,7 +16,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from devicemap.errors import BadOption, ContextTooLong, DevicemapError
+from devicemap.errors import (
+    BadOption,
+    ConfigError,
+    ContextTooLong,
+    DevicemapError,
+    GenerationFailed,
+)
 from devicemap.run.generate import Chat, Sampling, build_prompt, check_context, stream_reply
 from tiny import build_tiny
 
@@ -78,16 +84,34 @@ def test_sampling_defaults_are_greedy() -> None:
         ("max_new_tokens", 0, "max_new_tokens must be an integer ≥ 1, got 0"),
         ("max_new_tokens", 2.5, "max_new_tokens must be an integer ≥ 1, got 2.5"),
         ("max_new_tokens", True, "max_new_tokens must be an integer ≥ 1, got True"),
-        ("temperature", -1, "temperature must be ≥ 0 (0 = greedy), got -1"),
-        ("temperature", math.nan, "temperature must be ≥ 0 (0 = greedy), got nan"),
+        (
+            "temperature",
+            -1,
+            "temperature must be 0 (greedy) or ≥ 0.0001, got -1",
+        ),
+        (
+            "temperature",
+            math.nan,
+            "temperature must be 0 (greedy) or ≥ 0.0001, got nan",
+        ),
         ("top_p", 0.0, "top_p must be in (0, 1] (1 = off), got 0.0"),
         ("top_p", 1.5, "top_p must be in (0, 1] (1 = off), got 1.5"),
         ("top_k", -1, "top_k must be an integer ≥ 0 (0 = off), got -1"),
         ("top_k", 5.0, "top_k must be an integer ≥ 0 (0 = off), got 5.0"),
         ("repetition_penalty", 0, "repetition_penalty must be > 0 (1 = off), got 0"),
         ("repetition_penalty", math.inf, "repetition_penalty must be > 0 (1 = off), got inf"),
-        ("seed", -3, "seed must be an integer ≥ 0 or None, got -3"),
-        ("seed", "7", "seed must be an integer ≥ 0 or None, got '7'"),
+        ("seed", -3, "seed must be an integer from 0 to 2^63 - 1, or None, got -3"),
+        ("seed", "7", "seed must be an integer from 0 to 2^63 - 1, or None, got '7'"),
+        (
+            "seed",
+            2**64,
+            "seed must be an integer from 0 to 2^63 - 1, or None, got 18446744073709551616",
+        ),
+        (
+            "temperature",
+            1e-300,
+            "temperature must be 0 (greedy) or ≥ 0.0001, got 1e-300",
+        ),
     ],
 )
 def test_sampling_rejects_bad_value(field: str, value: object, expected: str) -> None:
@@ -102,9 +126,9 @@ def test_sampling_lists_every_bad_option_at_once() -> None:
     with pytest.raises(BadOption) as info:
         Sampling(temperature=-1, top_p=2, seed=-1)
     assert info.value.options == ("temperature", "top_p", "seed")
-    assert "temperature must be ≥ 0 (0 = greedy)" in str(info.value)
+    assert "temperature must be 0 (greedy) or ≥ 0.0001" in str(info.value)
     assert "top_p must be in (0, 1]" in str(info.value)
-    assert "seed must be an integer ≥ 0" in str(info.value)
+    assert "seed must be an integer from 0" in str(info.value)
 
 
 # --- prompts and context -----------------------------------------------------
@@ -263,11 +287,24 @@ def test_abandoned_stream_stops_its_worker(model: Any, tok: Any) -> None:
 
 
 def test_error_in_generate_reaches_the_reader(model: Any, tok: Any) -> None:
-    ids = torch.tensor([[1, 10_000]])  # past the vocabulary: the embedding lookup fails
-    stream = stream_reply(model, tok, ids, Sampling(max_new_tokens=4))
-    with pytest.raises(IndexError):
-        list(stream)
+    def fail(*_: Any) -> None:
+        raise IndexError("index out of range in self")  # what a bad config value gives
+
+    handle = model.model.layers[0].register_forward_pre_hook(fail)
+    try:
+        stream = stream_reply(model, tok, torch.tensor([[1, 7]]), Sampling(max_new_tokens=4))
+        with pytest.raises(GenerationFailed, match="IndexError: index out of range") as caught:
+            list(stream)
+    finally:
+        handle.remove()
+    assert isinstance(caught.value.__cause__, IndexError)
     assert not stream._worker.is_alive()
+
+
+def test_a_token_id_past_the_vocabulary_is_refused_before_generating(model: Any, tok: Any) -> None:
+    ids = torch.tensor([[1, 10_000]])  # a tokenizer that is not this model's
+    with pytest.raises(ConfigError, match="token id 10000, but the model's vocabulary has"):
+        stream_reply(model, tok, ids, Sampling(max_new_tokens=4))
 
 
 # --- chat --------------------------------------------------------------------

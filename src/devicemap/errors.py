@@ -136,3 +136,8 @@ class CacheError(LoadError, OSError):
 
 class TemplateError(DevicemapError, ValueError):
     """The model's chat template failed on these messages (names the cause and the fix)."""
+
+
+class GenerationFailed(DevicemapError, RuntimeError):
+    """The model itself raised while generating (a config value or input it cannot take);
+    the original exception is the __cause__."""

@@ -40,10 +40,18 @@ def offload_dir(directory: Path | None) -> Path:
     return default_dir() if directory is None else directory.expanduser()
 
 
+def _existing(where: Path) -> Path:
+    """`where`, if it is a directory or does not exist yet (nothing cached); else exit 1."""
+    if where.exists() and not where.is_dir():
+        typer.echo(f"error: {where} is not a directory; give --dir the offload directory", err=True)
+        raise typer.Exit(1)
+    return where
+
+
 @app.command("ls")
 def ls_command(directory: DirOpt = None) -> None:
     """What is cached: each file, the model it is for, its size, its last use and status."""
-    where = offload_dir(directory)
+    where = _existing(offload_dir(directory))
     found = entries(where)
     if not found:
         typer.echo(f"{where}: empty", err=True)
@@ -81,13 +89,15 @@ def rm_command(
     directory: DirOpt = None,
 ) -> None:
     """Delete cache files by name, by the model they are for, or all of them."""
-    where = offload_dir(directory)
+    where = _existing(offload_dir(directory))
     caches = [e for e in entries(where) if e.status in ("ok", "stale", "partial")]
     if every:
         chosen = caches
     else:
-        if not names:
-            typer.echo("error: name the files to delete, or give --all", err=True)
+        if not names or any(not n.strip() for n in names):
+            typer.echo(
+                "error: name the files to delete (not an empty name), or give --all", err=True
+            )
             raise typer.Exit(1)
         chosen = [e for e in caches if any(_names(e, n) for n in names)]
         missing = [n for n in names if not any(_names(e, n) for e in caches)]
@@ -98,7 +108,7 @@ def rm_command(
             raise typer.Exit(1)
     freed = 0
     for entry in chosen:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete
             entry.path.unlink()
             freed += entry.size
     typer.echo(f"deleted {len(chosen)} files, {format_size(freed)}", err=True)
@@ -111,7 +121,7 @@ def _names(entry: Entry, name: str) -> bool:
 @app.command("prune")
 def prune_command(directory: DirOpt = None) -> None:
     """Delete caches whose source files changed or are gone, and dead writers' temp files."""
-    where = offload_dir(directory)
+    where = _existing(offload_dir(directory))
     sizes = {e.path: e.size for e in entries(where)}
     gone = sweep(where)
     freed = sum(sizes.get(p, 0) for p in gone)

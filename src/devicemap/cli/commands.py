@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -294,11 +295,18 @@ def open_images(paths: list[str]) -> list[Any]:
 
     images = []
     for path in paths:
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would hang the read
+            raise BadImage(f"--image {path}: not a regular file; give an image file")
         try:
             with Image.open(path) as picture:
                 images.append(picture.convert("RGB"))  # decoded now, the file closed
         except FileNotFoundError:
             raise BadImage(f"--image {path}: no such file") from None
+        except Image.DecompressionBombError as error:
+            raise BadImage(
+                f"--image {path}: too large to decode safely ({_first_line(error)}); scale it"
+                " down first"
+            ) from None
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise BadImage(
                 f"--image {path}: not an image this machine can decode ({_first_line(error)});"
@@ -310,6 +318,20 @@ def open_images(paths: list[str]) -> list[Any]:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+MAX_INPUT = 16 << 20  # characters read from stdin at once: far past any context
+
+
+def read_stdin() -> str:
+    """All of standard input (a prompt given as `-p -`), at most MAX_INPUT characters."""
+    text = sys.stdin.read(MAX_INPUT + 1)
+    if len(text) > MAX_INPUT:
+        raise BadOption(
+            f"the prompt on stdin is longer than {MAX_INPUT} characters, more than any context"
+            " holds", options=("prompt",),
+        )  # fmt: skip
+    return text
 
 
 def read_undecodable_stdin() -> None:
@@ -383,7 +405,7 @@ def run_command(
         sampling = sampling_choices.sampling()
         if prompt == "-":
             read_undecodable_stdin()
-        text = valid_text(sys.stdin.read() if prompt == "-" else prompt, "the prompt")
+        text = valid_text(read_stdin() if prompt == "-" else prompt, "the prompt")
         pictures = open_images(image or [])
         source, tokenizer = open_model(model, planning)
         system = valid_text(system, "--system") if system else None
@@ -437,7 +459,8 @@ def echo_stream(stream: ReplyStream) -> bool:
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    except KeyboardInterrupt:  # the stream has stopped generating; keep what came
+    except KeyboardInterrupt:  # stop generating (Ctrl-C may land while a piece is written,
+        stream.close()  # outside the stream's own wait); keep what came
         sys.stdout.write("\n")
         sys.stdout.flush()
         return False
@@ -536,7 +559,12 @@ def read_message(tty: bool) -> str | None:
         except EOFError:
             sys.stdout.write("\n")
             return None
-    line = sys.stdin.readline()
+    line = sys.stdin.readline(MAX_INPUT + 1)
+    if len(line) > MAX_INPUT:  # /dev/zero as stdin, or a file with no newline for GBs
+        raise BadOption(
+            f"an input line is longer than {MAX_INPUT} characters, more than any context"
+            " holds; give shorter messages", options=("stdin",),
+        )  # fmt: skip
     return line.rstrip("\r\n") if line else None
 
 

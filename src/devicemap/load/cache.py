@@ -310,7 +310,7 @@ def entries(directory: Path) -> list[Entry]:
 
 def _entry(path: Path, st: os.stat_result) -> Entry:
     temp = _TEMP.match(path.name)
-    if temp is not None:
+    if temp is not None and stat.S_ISREG(st.st_mode):
         status: Status = "writing" if _alive(int(temp["pid"])) else "partial"
         return Entry(path, status, "", st.st_size, st.st_atime)
     if not stat.S_ISREG(st.st_mode) or path.suffix != ".safetensors":

@@ -45,7 +45,7 @@ def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
     try:
         config = AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__  # strict validation: 2 lines
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__  # one line, clipped
         raise ConfigError(
             f"{source.config_path}: transformers cannot read this config ({reason}). "
             "Check that it is a model's config.json with a known `model_type`."
@@ -77,6 +77,8 @@ def read_json_object(
         raise ConfigError(f"{path} cannot be read ({exc}); {fix}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config; {fix}") from None
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise ConfigError(f"{path} holds a JSON {kind}, not an object of settings; {fix}")
@@ -134,7 +136,9 @@ _COUNT_KEYS = (
     "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
     "moe_intermediate_size", "shared_expert_intermediate_size",
 )  # fmt: skip
+_WINDOW_KEYS = ("sliding_window", "attention_window")  # 0 (or null): no window
 _LIMITS: dict[str, tuple[int, int]] = {  # key -> (least, most)
+    **dict.fromkeys(_WINDOW_KEYS, (0, 1 << 40)),
     **dict.fromkeys(_LAYER_KEYS, (1, MAX_LAYERS)),
     **dict.fromkeys(_SIZE_KEYS, (1, MAX_SIZE)),
     **dict.fromkeys(_COUNT_KEYS, (0, MAX_SIZE)),
@@ -283,15 +287,22 @@ def _code_file(reference: str) -> str:
 
 def parse_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
     """The plan dtype: `dtype` if given (a torch dtype or a name), else the config's, else fp32."""
+    where = "the dtype"
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        where = "config.json's `dtype` (or `torch_dtype`)"
         if dtype is None or dtype == "auto":
             return torch.float32
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ConfigError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    if isinstance(name, str) and name.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[name.lower().removeprefix("torch.")]
+    shown = repr(name)[:60]
+    raise ConfigError(
+        f"{where} is {shown}, not a dtype weights are planned in; choose one of:"
+        f" {', '.join(DTYPES)} (--dtype)"
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from ..errors import ConfigError, DevicemapError
 from .checkpoint import ModelSource, resolve_model
 from .config import (
     fingerprint_config,
@@ -112,7 +113,7 @@ def build_skeleton(
     fingerprint = fingerprint_config(config)  # before the build writes the dtype into it
     plan_dtype = parse_dtype(dtype, config)
     cls = model_class(config, source, trust_remote_code=trust_remote_code)
-    module = build_on_meta(cls, config, plan_dtype)
+    module = _built(cls, config, plan_dtype, source)
     units = set(getattr(module, "_no_split_modules", None) or ()) | set(no_split)
     parts = find_parts(module, units)
     scratch = lambda: build_on_meta(cls, copy.deepcopy(config), plan_dtype)  # noqa: E731
@@ -136,6 +137,23 @@ def build_skeleton(
 
 
 # --- the meta build -----------------------------------------------------------
+
+
+def _built(cls: type, config: Any, dtype: torch.dtype, source: ModelSource) -> torch.nn.Module:
+    """build_on_meta, with what the model's own constructor refuses (a value the config
+    checks let through: an activation name, a padding id past the vocabulary, a rope
+    setting) reported as ConfigError naming config.json."""
+    try:
+        return build_on_meta(cls, config, dtype)
+    except DevicemapError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AssertionError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(
+            f"{source.config_path}: {cls.__name__} cannot be built from this config"
+            f" ({type(exc).__name__}: {reason}); check the values it names against the"
+            " model's original config.json"
+        ) from exc
 
 
 def build_on_meta(cls: type, config: Any, dtype: torch.dtype) -> torch.nn.Module:

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -139,6 +140,7 @@ class Plan:
                 f"cannot save the plan to {path}: it is a directory; give a file name, such as"
                 f" {path / 'plan.json'}"
             )
+        _refuse_to_replace(path)
         if not path.parent.exists():
             raise PlanError(
                 f"cannot save the plan to {path}: the directory {path.parent} does not exist;"
@@ -165,6 +167,17 @@ class Plan:
         """Read a plan written by `save` (or printed by `devicemap plan --json`)."""
         name = os.fspath(path)
         try:
+            st = os.stat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_size > _PLAN_BYTES:
+                raise PlanError(
+                    f"plan file {name!r} is {st.st_size} bytes, more than any plan; give the"
+                    " JSON file `devicemap plan --save` wrote"
+                )
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                raise PlanError(
+                    f"plan file {name!r} is not a regular file (a device, FIFO or socket);"
+                    " give the JSON file `devicemap plan --save` wrote"
+                )
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PlanError(f"plan file {name!r} does not exist") from None
@@ -184,6 +197,42 @@ class Plan:
 
     def _device_list(self) -> str:
         return ", ".join(str(u.device) for u in self.devices)
+
+
+def _refuse_to_replace(path: Path) -> None:
+    """PlanError unless `path` is free or holds a plan: saving never replaces a device node,
+    a FIFO, or a file that is not a plan (a model's config.json or a weight shard)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _not_saved(path, exc) from None
+    if stat.S_ISLNK(st.st_mode):
+        return  # the link is replaced by the plan; its target is left alone
+    if not stat.S_ISREG(st.st_mode):
+        raise PlanError(
+            f"cannot save the plan to {path}: it is not a regular file (a device, FIFO or"
+            " socket); give the path of a .json file"
+        )
+    if st.st_size and not _is_plan_file(path):
+        raise PlanError(
+            f"cannot save the plan to {path}: that file exists and is not a devicemap plan"
+            " (it could be a model's own file); give another path, or delete it first"
+        )
+
+
+def _is_plan_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_PLAN_BYTES + 1)
+        data = json.loads(head) if len(head) <= _PLAN_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "format" in data and "device_map" in data
+
+
+_PLAN_BYTES = 64 << 20  # the largest plan file read (thousands of blocks take a few MB)
 
 
 def _not_saved(path: Path, error: OSError) -> PlanError:

@@ -21,7 +21,14 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..errors import BadOption, ContextTooLong, TemplateError
+from ..errors import (
+    BadOption,
+    ConfigError,
+    ContextTooLong,
+    DevicemapError,
+    GenerationFailed,
+    TemplateError,
+)
 
 Message = Mapping[str, str]  # {"role": "user" | "assistant" | "system", "content": text}
 FinishReason = Literal["stop", "length", "interrupted"]
@@ -58,18 +65,27 @@ class Sampling:
         return self.temperature == 0
 
 
+MIN_TEMPERATURE = 1e-4  # logits / 1e-300 are inf: sampling would fail on a NaN distribution
+
+
 def _sampling_problems(s: Sampling) -> dict[str, str]:
     """option name -> what is wrong with it, for every bad option."""
     checks = {
         "max_new_tokens": (_is_int(s.max_new_tokens) and s.max_new_tokens >= 1, "an integer ≥ 1"),
-        "temperature": (_is_real(s.temperature) and s.temperature >= 0, "≥ 0 (0 = greedy)"),
+        "temperature": (
+            _is_real(s.temperature) and (s.temperature == 0 or s.temperature >= MIN_TEMPERATURE),
+            f"0 (greedy) or ≥ {MIN_TEMPERATURE}",  # below, logits / t overflow to inf
+        ),
         "top_p": (_is_real(s.top_p) and 0 < s.top_p <= 1, "in (0, 1] (1 = off)"),
         "top_k": (_is_int(s.top_k) and s.top_k >= 0, "an integer ≥ 0 (0 = off)"),
         "repetition_penalty": (
             _is_real(s.repetition_penalty) and s.repetition_penalty > 0,
             "> 0 (1 = off)",
         ),
-        "seed": (s.seed is None or (_is_int(s.seed) and s.seed >= 0), "an integer ≥ 0 or None"),
+        "seed": (
+            s.seed is None or (_is_int(s.seed) and 0 <= s.seed < 2**63),
+            "an integer from 0 to 2^63 - 1, or None",
+        ),
     }
     return {
         name: f"{name} must be {valid}, got {getattr(s, name)!r}"
@@ -160,6 +176,14 @@ def apply_template(owner: Any, messages: Sequence[Mapping[str, Any]]) -> str:
         )
     except jinja2.TemplateError as error:
         raise _template_error(error, messages) from None
+    except (OverflowError, RecursionError, TypeError, ValueError, AssertionError) as error:
+        # the template ran, and failed in a filter or a loop Jinja's sandbox let it start
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise TemplateError(
+            f"the model's chat template failed ({type(error).__name__}: {reason}): fix"
+            " chat_template in its tokenizer_config.json (or chat_template.jinja), or feed the"
+            " prompt without the template: raw=True (--raw on `devicemap run`)"
+        ) from None
     return str(text)
 
 
@@ -296,6 +320,7 @@ class ReplyStream(Iterator[str]):
         sampling: Sampling,
         inputs: Mapping[str, Any] | None = None,
     ):
+        _check_vocabulary(model, input_ids)
         self._tokenizer = tokenizer
         self._sampling = sampling
         self._eos = _eos_ids(model, tokenizer)
@@ -383,7 +408,15 @@ class ReplyStream(Iterator[str]):
         if isinstance(item, BaseException):
             self._worker.join()
             self._finish()
-            raise item
+            if isinstance(item, (DevicemapError, KeyboardInterrupt)) or not isinstance(
+                item, Exception
+            ):
+                raise item
+            reason = " ".join(str(item).split())[:300] or type(item).__name__
+            raise GenerationFailed(
+                f"the model failed while generating ({type(item).__name__}: {reason}): a"
+                " value in its config.json, or an input (image, prompt), that it cannot take"
+            ) from item
         self._add(item)
         return self._new_text()
 
@@ -434,6 +467,19 @@ class ReplyStream(Iterator[str]):
         if len(self._ids) >= self._sampling.max_new_tokens:
             return "length"
         return "interrupted" if self._stop.event.is_set() else "stop"
+
+
+def _check_vocabulary(model: Any, input_ids: torch.Tensor) -> None:
+    """ConfigError when the prompt holds a token id past the model's embedding table: the
+    tokenizer is not this model's (the lookup would fail inside generate, or read garbage)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and input_ids.numel() and int(input_ids.max()) >= rows:
+        raise ConfigError(
+            f"the tokenizer gave token id {int(input_ids.max())}, but the model's vocabulary has"
+            f" {rows} entries: the tokenizer is not this model's; use the tokenizer files that"
+            " came with the checkpoint"
+        )
 
 
 def stream_reply(
