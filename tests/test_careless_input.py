@@ -417,3 +417,18 @@ def test_an_image_that_is_a_fifo_or_a_bomb_is_bad_image(tmp_path: Path) -> None:
     Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpx: over PIL's bomb limit
     with pytest.raises(BadImage, match="too large to decode safely"):
         open_images([str(bomb)])
+
+
+def test_a_template_that_runs_on_or_writes_gigabytes_is_a_template_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from devicemap.run import generate
+
+    monkeypatch.setattr(generate, "TEMPLATE_SECONDS", 0.2)
+    slow = "{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}"
+    with pytest.raises(TemplateError, match="still running after 0 s"):
+        build_prompt(byte_tokenizer(template=slow), "hi")  # (it ends by itself in seconds)
+    monkeypatch.setattr(generate, "TEMPLATE_SECONDS", 20.0)
+    huge = "{{ 'x' * 20000000 }}"
+    with pytest.raises(TemplateError, match="a prompt of 20000000 characters"):
+        build_prompt(byte_tokenizer(template=huge), "hi")

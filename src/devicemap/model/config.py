@@ -299,9 +299,11 @@ def parse_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
     if isinstance(name, str) and name.lower().removeprefix("torch.") in DTYPES:
         return DTYPES[name.lower().removeprefix("torch.")]
     shown = repr(name)[:60]
+    if where == "the dtype":
+        raise ConfigError(f"unknown dtype {shown}; choose one of: {', '.join(DTYPES)}")
     raise ConfigError(
-        f"{where} is {shown}, not a dtype weights are planned in; choose one of:"
-        f" {', '.join(DTYPES)} (--dtype)"
+        f"{where} is {shown}, not a dtype weights are planned in; give --dtype, one of:"
+        f" {', '.join(DTYPES)}"
     )
 
 

@@ -171,9 +171,9 @@ def apply_template(owner: Any, messages: Sequence[Mapping[str, Any]]) -> str:
     import jinja2
 
     try:
-        text = owner.apply_chat_template(
-            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
-        )
+        text = _rendered(owner, messages)
+    except TemplateError:
+        raise
     except jinja2.TemplateError as error:
         raise _template_error(error, messages) from None
     except (OverflowError, RecursionError, TypeError, ValueError, AssertionError) as error:
@@ -184,7 +184,48 @@ def apply_template(owner: Any, messages: Sequence[Mapping[str, Any]]) -> str:
             " chat_template in its tokenizer_config.json (or chat_template.jinja), or feed the"
             " prompt without the template: raw=True (--raw on `devicemap run`)"
         ) from None
-    return str(text)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise TemplateError(
+            f"the model's chat template made a prompt of {len(text)} characters, more than any"
+            " context holds: fix chat_template, or feed the prompt without the template:"
+            " raw=True (--raw on `devicemap run`)"
+        )
+    return text
+
+
+TEMPLATE_SECONDS = 20.0  # a chat template renders in milliseconds; one still running is stuck
+MAX_PROMPT_CHARS = 16 << 20  # characters of a rendered prompt: far past any context
+
+
+def _rendered(owner: Any, messages: Sequence[Mapping[str, Any]]) -> str:
+    """apply_chat_template in a worker thread, waited for TEMPLATE_SECONDS at most: Jinja's
+    sandbox caps each loop at 100,000 steps but not loops inside loops, so a hostile template
+    could hang the caller. A stuck render is left running in its daemon thread (Python cannot
+    stop it) and reported as a TemplateError."""
+    done: dict[str, Any] = {}
+
+    def render() -> None:
+        try:
+            done["text"] = str(
+                owner.apply_chat_template(
+                    [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+                )
+            )
+        except BaseException as error:  # handed to the caller, who raises it
+            done["error"] = error
+
+    worker = threading.Thread(target=render, name="devicemap-template", daemon=True)
+    worker.start()
+    worker.join(TEMPLATE_SECONDS)
+    if worker.is_alive():
+        raise TemplateError(
+            f"the model's chat template was still running after {TEMPLATE_SECONDS:.0f} s (a"
+            " loop without end?): fix chat_template, or feed the prompt without the template:"
+            " raw=True (--raw on `devicemap run`)"
+        )
+    if "error" in done:
+        raise done["error"]
+    return str(done["text"])
 
 
 def _template_error(error: Exception, messages: Sequence[Mapping[str, Any]]) -> TemplateError:
