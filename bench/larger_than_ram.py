@@ -124,9 +124,10 @@ _CHILD = textwrap.dedent(
         model = devicemap.load(path, plan=plan, progress=False)
     else:
         import transformers as tf
+        offload = tempfile.mkdtemp(prefix="acc-", dir=Path(path).parent)
         model = tf.AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.bfloat16, device_map=dict(plan.device_map),
-            offload_folder=tempfile.mkdtemp(prefix="acc-", dir=Path(path).parent))
+            offload_folder=offload)
     load_s = time.perf_counter() - start
     ids = torch.tensor([[1, 345, 678, 910]])
     times, reads = [], []
@@ -155,6 +156,9 @@ _CHILD = textwrap.dedent(
         took = time.perf_counter() - t0
         streamed = sum(sum(n for _, n in prefetcher._pages[b].spans) for b in blocks)
         row.update({"streamed_bytes": streamed, "seq_read_s": took})
+    if engine != "devicemap":
+        import shutil
+        shutil.rmtree(offload, ignore_errors=True)
     print(json.dumps(row))
     """
 )

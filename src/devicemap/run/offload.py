@@ -173,7 +173,8 @@ class PagePrefetcher:
         self._predict = Successors([b.name for b in blocks])
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._depth = depth
-        self._recent: deque[str] = deque(maxlen=depth)  # asked for and not yet run past
+        # asked for and not yet run past (with streamed blocks, up to every block)
+        self._recent: deque[str] = deque(maxlen=len(blocks) if streamed else depth)
         self.requests: deque[str] = deque(maxlen=log)  # blocks asked for, oldest first
         self.checks: deque[str] = deque(maxlen=log)  # of those, the ones handed to the worker
         self._quiet: dict[str, int] = {}  # passes left before a resident block is checked
@@ -213,6 +214,8 @@ class PagePrefetcher:
         pending = self._inflight.pop(name, None)
         if pending is not None:
             pending.wait()
+        if name in self._recent:  # run now: asked for again when it is next ahead
+            self._recent.remove(name)
         self._request_from(self._predict.observe(name), running=name)
 
     def streams(self, name: str) -> bool:
@@ -236,14 +239,20 @@ class PagePrefetcher:
         self._pages.clear()
 
     def _request_from(self, name: str, *, running: str | None, force: bool = False) -> None:
-        """Ask for `name` and the blocks expected after it, `depth` in all."""
-        for _ in range(self._depth):
-            if name == running:
-                return  # wrapped around to the block running now
+        """Ask for `name` and the blocks expected after it, `depth` in all. With streamed
+        blocks, resident blocks found in memory do not count: the reader looks past them to
+        the next streamed ones, so their reads overlap the resident blocks' compute (the plan
+        keeps room for `depth` blocks on their way, not for the resident ones)."""
+        counted = 0
+        for _ in range(len(self._pages)):
+            if counted >= self._depth or name == running:
+                return  # enough on their way, or wrapped around to the block running now
             if name not in self._recent:  # already on its way
                 self._recent.append(name)
                 self.requests.append(name)
                 self._check(name, force=force)
+            if not (self._files and name not in self._files and self._quiet.get(name, 0) > 0):
+                counted += 1
             name = self._predict.after(name)
 
     def _check(self, name: str, *, force: bool = False) -> None:
