@@ -432,3 +432,28 @@ def test_a_template_that_runs_on_or_writes_gigabytes_is_a_template_error(
     huge = "{{ 'x' * 20000000 }}"
     with pytest.raises(TemplateError, match="a prompt of 20000000 characters"):
         build_prompt(byte_tokenizer(template=huge), "hi")
+
+
+def test_an_empty_model_name_is_not_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from devicemap.errors import ModelNotFound
+    from devicemap.load.cache import default_dir
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("", "  "):
+        with pytest.raises(ModelNotFound, match="the model name is empty"):
+            build_skeleton(name)
+    monkeypatch.setenv("DEVICEMAP_CACHE", "")  # set but empty: as if unset, not ./offload
+    assert default_dir() != Path("offload") and default_dir().is_absolute()
+
+
+def test_a_plan_edited_or_made_before_the_config_changed_says_so(
+    saved: dict[str, Any], llama: Path
+) -> None:
+    from devicemap.errors import PlanMismatch
+    from devicemap.plan.planner import plan_from_json
+
+    edited = plan_from_json({**saved, "fingerprint": "0" * 64})
+    with pytest.raises(PlanMismatch, match="or the plan file was edited"):
+        edited.check(build_skeleton(llama))

@@ -64,7 +64,8 @@ Source = tuple[str, int, int, int, int]
 
 def default_dir() -> Path:
     """`$DEVICEMAP_CACHE/offload`, else `~/.cache/devicemap/offload`."""
-    return Path(os.environ.get("DEVICEMAP_CACHE", "~/.cache/devicemap")).expanduser() / "offload"
+    root = os.environ.get("DEVICEMAP_CACHE") or "~/.cache/devicemap"  # set but empty: unset
+    return Path(root).expanduser() / "offload"
 
 
 def source_identity(path: str | os.PathLike[str]) -> Source:

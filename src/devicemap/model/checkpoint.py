@@ -121,6 +121,10 @@ def _json_kind(value: object) -> str:
 def resolve_model(model: str | os.PathLike[str]) -> ModelSource:
     """Find config and weights for a directory, weights file, config.json or cached hub id."""
     name = os.fspath(model)
+    if not name.strip():  # Path("") is the current directory: never what was meant
+        raise ModelNotFound(
+            "the model name is empty. Give a model directory, a weights file or a config.json."
+        )
     path = Path(name).expanduser()
     if path.exists():
         return _resolve_path(name, path)

@@ -107,6 +107,13 @@ class Plan:
     def check(self, skeleton: Skeleton) -> None:
         """Raise PlanMismatch unless this plan was made for `skeleton` at its dtype."""
         theirs = plan_fingerprint(skeleton)
+        same = self.model == skeleton.source.name and self.dtype == skeleton.dtype
+        if theirs != self.fingerprint and same:  # "made for x (bf16), not for x (bf16)"
+            raise PlanMismatch(
+                f"this plan was made for {self.model} as its config was then, or the plan"
+                " file was edited (its fingerprint does not match the model's config and"
+                " dtype now); make a new plan with `devicemap plan` for this model"
+            )
         if theirs != self.fingerprint:
             raise PlanMismatch(
                 f"this plan was made for {self.model} ({dtype_name(self.dtype)}), not for"
