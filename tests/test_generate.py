@@ -346,3 +346,9 @@ def test_chat_refuses_a_prompt_past_the_context(model: Any, tok: Any) -> None:
     with pytest.raises(ContextTooLong, match="the plan holds 32"):
         chat.send("a" * 40)
     assert chat.messages == []
+
+
+def test_chat_never_suggests_a_context_past_the_models_own(model: Any, tok: Any) -> None:
+    chat = Chat(model, tok, sampling=Sampling(max_new_tokens=8), context=32, limit=64)
+    with pytest.raises(ContextTooLong, match="the model holds at most 64 tokens"):
+        chat.send("a" * 100)

@@ -525,6 +525,7 @@ def chat_command(
                 sampling=sampling,
                 system=valid_text(system, "--system") if system else None,
                 context=s.plan.options.context,
+                limit=s.skeleton.max_positions,
             )
             status = converse(chat, tty=sys.stdin.isatty())
     raise typer.Exit(status)

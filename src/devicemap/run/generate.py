@@ -614,8 +614,10 @@ class Chat:
         sampling: Sampling | None = None,
         system: str | None = None,
         context: int | None = None,  # tokens the plan holds; None = unchecked
+        limit: int | None = None,  # the model's own longest context, if it has one
     ):
         self.model = model
+        self.limit = limit
         self.tokenizer = tokenizer
         self.sampling = sampling or Sampling()
         self.system = system
@@ -639,7 +641,10 @@ class Chat:
         user = {"role": "user", "content": text}
         input_ids = build_prompt(self.tokenizer, [*self.messages, user])
         if self.context is not None:
-            check_context(int(input_ids.shape[-1]), self.sampling.max_new_tokens, self.context)
+            check_context(
+                int(input_ids.shape[-1]), self.sampling.max_new_tokens, self.context,
+                limit=self.limit,
+            )  # fmt: skip
         stream = stream_reply(self.model, self.tokenizer, input_ids, self.sampling)
         stream.on_finish(lambda reply: self._remember(user, reply))
         self._active = stream
