@@ -62,6 +62,20 @@ def load_accelerate(path: Path, dtype: torch.dtype, device_map: dict[str, Any], 
     ).eval()
 
 
+def warm_rates(ram: Any, dm: Any, acc: Any, *, runs: int, tokens: int) -> dict[str, float]:
+    """Median decode tok/s of the model in RAM, devicemap and accelerate, `runs` rounds
+    alternating (so drift hits all three alike), and devicemap's ratios to the other two."""
+    times: dict[str, list[float]] = {"ram": [], "devicemap": [], "accelerate": []}
+    for _ in range(runs):
+        for name, model in (("ram", ram), ("devicemap", dm), ("accelerate", acc)):
+            times[name].append(1 / decode_steps(model, tokens))
+    rate = {name: median(v) for name, v in times.items()}
+    row = {f"{k}_tok_s": v for k, v in rate.items()}
+    row["dm/ram"] = rate["devicemap"] / rate["ram"]
+    row["dm/acc"] = rate["devicemap"] / rate["accelerate"]
+    return row
+
+
 def decode_steps(
     model: Any,
     steps: int,
@@ -175,14 +189,7 @@ def bench_one(shape: str, fraction: float, args: argparse.Namespace) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         acc = load_accelerate(path, dtype, device_map, tmp)
         ram = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        runs: dict[str, list[float]] = {"ram": [], "devicemap": [], "accelerate": []}
-        for _ in range(args.runs):  # alternate, so drift hits all three alike
-            for name, model in (("ram", ram), ("devicemap", dm), ("accelerate", acc)):
-                runs[name].append(1 / decode_steps(model, args.tokens))
-        rate = {name: median(v) for name, v in runs.items()}
-        row.update({f"{k}_tok_s": v for k, v in rate.items()})
-        row["dm/ram"] = rate["devicemap"] / rate["ram"]
-        row["dm/acc"] = rate["devicemap"] / rate["accelerate"]
+        row.update(warm_rates(ram, dm, acc, runs=args.runs, tokens=args.tokens))
         if fraction > 0 and args.cold_rounds:
             row.update(cold(path, device_map, dm, acc, args.cold_rounds))
         del acc, ram

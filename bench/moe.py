@@ -32,7 +32,7 @@ import torch
 import transformers as tf
 
 import devicemap
-from decode import Ranges, decode_steps, evict, offloaded, settle
+from decode import Ranges, evict, offloaded, settle, warm_rates
 from models import cache_root
 from report import median, write
 
@@ -149,14 +149,7 @@ def main() -> None:
             path, dtype=torch.bfloat16, device_map=device_map, offload_folder=str(Path(tmp) / "acc")
         ).eval()
         ram = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-        runs: dict[str, list[float]] = {"ram": [], "devicemap": [], "accelerate": []}
-        for _ in range(args.runs):  # alternate, so drift hits all three alike
-            for name, model in (("ram", ram), ("devicemap", dm), ("accelerate", acc)):
-                runs[name].append(1 / decode_steps(model, args.tokens))
-        rate = {name: median(v) for name, v in runs.items()}
-        row.update({f"{k}_tok_s": v for k, v in rate.items()})
-        row["dm/ram"] = rate["devicemap"] / rate["ram"]
-        row["dm/acc"] = rate["devicemap"] / rate["accelerate"]
+        row.update(warm_rates(ram, dm, acc, runs=args.runs, tokens=args.tokens))
         del acc, ram
         gc.collect()
         if args.cold_steps:

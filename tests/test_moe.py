@@ -152,6 +152,17 @@ MOE = {
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 120, 33]])
 
 
+def disk_plan(skeleton: Any, pins: dict[str, str]) -> Plan:
+    """Roomy cpu and disk budgets, `pins`, offloaded blocks computed by the CPU."""
+    return devicemap.plan(
+        skeleton,
+        max_memory={"cpu": "1GiB", "disk": "1GiB"},
+        pins=pins,
+        offload_exec="cpu",
+        context=64,
+    )
+
+
 @pytest.mark.parametrize("arch", sorted(MOE))
 def test_experts_on_disk_dense_in_ram_equal_transformers(arch: str, tmp_path: Path) -> None:
     path = tiny_moe(arch, tmp_path / arch)
@@ -160,13 +171,7 @@ def test_experts_on_disk_dense_in_ram_equal_transformers(arch: str, tmp_path: Pa
     if arch == "dbrx":  # its experts are not computed through the experts interface
         assert not pins and skeleton.whole_moe == ("DbrxExperts",)
         pins = {b.name: "disk" for b in skeleton.blocks if b.no_split}
-    plan = devicemap.plan(
-        skeleton,
-        max_memory={"cpu": "1GiB", "disk": "1GiB"},
-        pins=pins,
-        offload_exec="cpu",
-        context=64,
-    )
+    plan = disk_plan(skeleton, pins)
     on_disk = [k for k, v in plan.device_map.items() if v == "disk"]
     assert on_disk and all(k.endswith("experts") for k in on_disk) != (arch == "dbrx")
     expected = getattr(tf, MOE[arch]).from_pretrained(path).eval()
@@ -184,14 +189,7 @@ def test_experts_on_disk_dense_in_ram_equal_transformers(arch: str, tmp_path: Pa
 def experts_on_disk(arch: str, tmp_path: Path) -> tuple[Any, Path]:
     path = tiny_moe(arch, tmp_path / arch)
     skeleton = build_skeleton(path)
-    pins = {b.name: "disk" for b in skeleton.blocks if b.experts}
-    plan = devicemap.plan(
-        skeleton,
-        max_memory={"cpu": "1GiB", "disk": "1GiB"},
-        pins=pins,
-        offload_exec="cpu",
-        context=64,
-    )
+    plan = disk_plan(skeleton, {b.name: "disk" for b in skeleton.blocks if b.experts})
     offload = tmp_path / "offload"
     return devicemap.load(skeleton, plan=plan, offload_dir=offload, progress=False), offload
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from sweep.tiny_configs import config_get
+
 SEQ = 8  # prompt tokens
 
 
@@ -43,26 +45,26 @@ def _family(config: Any) -> Callable[[Any, dict[str, Any]], None] | None:
         return None
     if _has(vision, "spatial_merge_size") and _takes(config, "image_grid_thw"):
         return _grid_image  # Qwen2-VL and the models built like it
-    if _size(vision) and _get(vision, "patch_size") is not None:
+    if _size(vision) and config_get(vision, "patch_size") is not None:
         return _square_image  # LLaVA and the models built like it
     return None
 
 
 def _size(vision: Any) -> int | None:
     """A vision config's (square) image_size, an int or [height, width]."""
-    size = _get(vision, "image_size")
+    size = config_get(vision, "image_size")
     if isinstance(size, (list, tuple)) and size and size[0] == size[-1]:
         size = size[0]
     return size if isinstance(size, int) else None
 
 
 def _has(config: Any, key: str) -> bool:
-    return isinstance(_get(config, key), int)
+    return isinstance(config_get(config, key), int)
 
 
 def _image_token(config: Any) -> int | None:
     for key in ("image_token_id", "image_token_index"):
-        value = _get(config, key)
+        value = config_get(config, key)
         if isinstance(value, int):
             return value
     return None
@@ -75,14 +77,17 @@ def _grid_image(config: Any, batch: dict[str, Any]) -> None:
     them, and mm_token_type_ids marking the image tokens (its 3D RoPE positions)."""
     vision = config.vision_config
     merge = vision.spatial_merge_size
-    temporal = _get(vision, "temporal_patch_size", 1)
-    channels = _get(vision, "in_channels", _get(vision, "num_channels", 3))
+    temporal = config_get(vision, "temporal_patch_size", 1)
+    channels = config_get(vision, "in_channels", config_get(vision, "num_channels", 3))
     side = 2 * merge
     width = channels * temporal * vision.patch_size**2
     batch["pixel_values"] = torch.randn(side * side, width, generator=_generator())
     batch["image_grid_thw"] = torch.tensor([[1, side, side]])
     count = side * side // merge**2
-    start, end = _get(config, "vision_start_token_id"), _get(config, "vision_end_token_id")
+    start, end = (
+        config_get(config, "vision_start_token_id"),
+        config_get(config, "vision_end_token_id"),
+    )
     tokens = (
         [start] * (start is not None) + [_image_token(config)] * count + [end] * (end is not None)
     )
@@ -112,7 +117,7 @@ def _square_image(config: Any, batch: dict[str, Any]) -> None:
         image["pixel_attention_mask"] = torch.ones(1, 1, size, size, dtype=torch.bool)
     if "image_sizes" in wants:
         image["image_sizes"] = torch.tensor([[size, size]])
-        pinpoints = _get(config, "image_grid_pinpoints")
+        pinpoints = config_get(config, "image_grid_pinpoints")
         if pinpoints:  # LLaVA-NeXT "anyres": the base image and its tiles, stacked
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -173,18 +178,10 @@ def _text(config: Any) -> dict[str, Any]:
 def _pixels(vision: Any, *lead: int) -> torch.Tensor:
     """Images [*lead, channels, size, size] from a vision config, values like a normalized
     image's."""
-    size = _get(vision, "image_size", 16)
+    size = config_get(vision, "image_size", 16)
     size = size[0] if isinstance(size, (list, tuple)) else size
-    channels = _get(vision, "num_channels", 3)
+    channels = config_get(vision, "num_channels", 3)
     return torch.randn(*lead, channels, size, size, generator=_generator())
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    try:
-        value = getattr(config, key)
-    except AttributeError:
-        return default
-    return default if value is None else value
 
 
 def _prepend(batch: dict[str, Any], tokens: list[int]) -> None:
@@ -205,7 +202,7 @@ def _blip_2(config: Any, batch: dict[str, Any]) -> None:
     frames = 4 if video else 1  # InstructBLIP-Video: always 4 frames
     lead = (1, frames) if video else (1,)
     batch["pixel_values"] = _pixels(config.vision_config, *lead)
-    token = _get(config, "video_token_index" if video else "image_token_index")
+    token = config_get(config, "video_token_index" if video else "image_token_index")
     if token is not None:
         _prepend(batch, [token] * config.num_query_tokens * frames)
     if config.model_type.startswith("instructblip"):

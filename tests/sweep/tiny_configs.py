@@ -109,24 +109,24 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
         _set_path(config, key, value)
     if (
         getattr(config, "is_encoder_decoder", False)
-        and _get(config, "decoder_start_token_id") is None
+        and config_get(config, "decoder_start_token_id") is None
     ):
         text = config.get_text_config(decoder=True)
-        start = _get(config, "pad_token_id", _get(text, "pad_token_id")) or 0
+        start = config_get(config, "pad_token_id", config_get(text, "pad_token_id")) or 0
         config.decoder_start_token_id = start  # generate needs one
     decoder = vars(config).get("decoder")
-    start = _get(config, "decoder_start_token_id")
+    start = config_get(config, "decoder_start_token_id")
     if (
         _is_config(decoder)
         and start is not None
-        and _get(decoder, "decoder_start_token_id") is None
+        and config_get(decoder, "decoder_start_token_id") is None
     ):
         decoder.decoder_start_token_id = start  # the decoder alone (MusicgenForCausalLM) too
     _validate(config, seen=set())
     return config
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
+def config_get(config: Any, key: str, default: Any = None) -> Any:
     """An attribute a config may lack (transformers 5 declares only the fields a model uses)."""
     try:
         value = getattr(config, key)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotFound
+from ..load import cache as load_cache
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,10 +70,7 @@ def gguf_fingerprint(gguf: Path) -> str:
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """`cache_dir`, else $DEVICEMAP_CACHE, else ~/.cache/devicemap."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("DEVICEMAP_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "devicemap"
+    return Path(cache_dir) if cache_dir is not None else load_cache.cache_root()
 
 
 def is_complete(directory: Path) -> bool:

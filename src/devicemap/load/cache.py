@@ -62,10 +62,14 @@ _verified: set[tuple[str, int, int, int]] = set()  # (path, dev, inode, size) ch
 Source = tuple[str, int, int, int, int]
 
 
+def cache_root() -> Path:
+    """devicemap's cache: `$DEVICEMAP_CACHE`, else `~/.cache/devicemap` (set but empty: unset)."""
+    return Path(os.environ.get("DEVICEMAP_CACHE") or "~/.cache/devicemap").expanduser()
+
+
 def default_dir() -> Path:
     """`$DEVICEMAP_CACHE/offload`, else `~/.cache/devicemap/offload`."""
-    root = os.environ.get("DEVICEMAP_CACHE") or "~/.cache/devicemap"  # set but empty: unset
-    return Path(root).expanduser() / "offload"
+    return cache_root() / "offload"
 
 
 def source_identity(path: str | os.PathLike[str]) -> Source:
@@ -87,11 +91,12 @@ class CacheFile:
     def usable(self) -> bool:
         """Written in full for exactly these tensors, and (once per process) its bytes match
         the digests written with them. A damaged file is deleted (it is only derived data)."""
-        found = _read_header(self.path)
-        if found is None:
+        found = _header(self.path)
+        if found is None or not isinstance(found[1].get("digests"), str):
             return False
-        header, digests, st = found
-        if header != _without_digests(self.header) or st.st_size != self.size:
+        header, meta, st = found
+        digests = meta["digests"]
+        if _without_digests(header) != _without_digests(self.header) or st.st_size != self.size:
             return False
         key = (str(self.path), st.st_dev, st.st_ino, st.st_size)
         if key not in _verified:
@@ -215,9 +220,9 @@ def _without_digests(header: bytes) -> bytes:
     return re.sub(rb'"digests":"[0-9a-f]*"', lambda m: re.sub(rb"[0-9a-f]", b"0", m[0]), header)
 
 
-def _read_header(path: Path) -> tuple[bytes, str, os.stat_result] | None:
-    """(header with digests zeroed, the digests, stat) of a regular file not reached through
-    a symlink; None if it is missing, a link, not ours or not a devicemap cache."""
+def _header(path: Path) -> tuple[bytes, dict[str, Any], os.stat_result] | None:
+    """(the JSON header, its __metadata__, stat) of a devicemap cache: a regular file of this
+    user's, not reached through a symlink; None for anything else."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
@@ -234,11 +239,12 @@ def _read_header(path: Path) -> tuple[bytes, str, os.stat_result] | None:
             return None
         header = f.read(length)
     try:
-        meta = json.loads(header)["__metadata__"]
-        digests = str(meta["digests"])
-    except (ValueError, KeyError, TypeError):
+        meta = json.loads(header).get("__metadata__")
+    except (ValueError, AttributeError, RecursionError):
         return None
-    return _without_digests(header), digests, st
+    if not isinstance(meta, dict) or "devicemap" not in meta:
+        return None
+    return header, meta, st
 
 
 def _digests(path: Path, tensors: Mapping[str, TensorInfo]) -> str:
@@ -316,24 +322,15 @@ def _entry(path: Path, st: os.stat_result) -> Entry:
         return Entry(path, status, "", st.st_size, st.st_atime)
     if not stat.S_ISREG(st.st_mode) or path.suffix != ".safetensors":
         return Entry(path, "other", "", st.st_size, st.st_atime)
-    meta = _metadata(path)
-    if meta is None or "devicemap" not in meta:
+    found = _header(path)
+    if found is None:
         return Entry(path, "other", "", st.st_size, st.st_atime)
+    meta = found[1]
     # no sources recorded: written by an older devicemap, whose names no load makes now
     fresh = "sources" in meta and all(_unchanged(s) for s in _sources(meta))
-    return Entry(path, "ok" if fresh else "stale", meta.get("model", ""), st.st_size, st.st_atime)
-
-
-def _metadata(path: Path) -> dict[str, str] | None:
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 << 20:
-                return None
-            meta = json.loads(f.read(length)).get("__metadata__")
-    except (OSError, ValueError, struct.error, AttributeError):
-        return None
-    return meta if isinstance(meta, dict) else None
+    return Entry(
+        path, "ok" if fresh else "stale", str(meta.get("model", "")), st.st_size, st.st_atime
+    )
 
 
 def _sources(meta: Mapping[str, str]) -> list[Source]:
