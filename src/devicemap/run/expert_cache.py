@@ -116,32 +116,34 @@ class ExpertCache:
         return slot
 
     def _copy_in(self, source: ExpertWeights, expert: int, slot: int) -> None:
-        pieces = [(target, per[expert]) for target, per in source.parts.items()]
+        layout = self._layout(source, expert)
         fault_in(source.pages(expert), exact=True)  # read from disk exactly, if not in RAM
         row = self._buffer[slot]
-        staged = self._stage(source.tensors([expert])) if self._cuda else None  # (ring, bytes)
-        views: Parts = {}
-        offset = 0
-        for target, tensors in pieces:
-            placed = []
-            for tensor in tensors:
-                nbytes = _nbytes(tensor)
-                if offset + nbytes > self.size:
-                    raise ValueError(f"expert {expert} needs more than the {self.size}-byte slot")
-                view = row[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
-                if staged is None:
-                    view.copy_(tensor)
-                placed.append(view)
-                offset += _aligned(nbytes)
-            views[target] = {expert: tuple(placed)}
-        if staged is not None:
-            r, data = staged
+        views: Parts = {target: {expert: ()} for target in source.parts}
+        for target, tensor, offset in layout:
+            view = row[offset : offset + _nbytes(tensor)].view(tensor.dtype).view(tensor.shape)
+            views[target][expert] += (view,)
+            if not self._cuda:
+                view.copy_(tensor)
+        if self._cuda:
+            r, data = self._stage(layout)
             row[: data.numel()].copy_(data, non_blocking=True)
             self._ring_done[r].record()  # the ring buffer is free again once this has run
         self._views[slot] = views
-        self.stats.copied += sum(_nbytes(t) for t in source.tensors([expert]))
+        self.stats.copied += sum(_nbytes(t) for _, t, _ in layout)
 
-    def _stage(self, tensors: list[torch.Tensor]) -> tuple[int, torch.Tensor]:
+    def _layout(self, source: ExpertWeights, expert: int) -> list[tuple[str, torch.Tensor, int]]:
+        """(target, tensor, byte offset in a slot) of each of the expert's tensors, in order."""
+        layout, offset = [], 0
+        for target, per in source.parts.items():
+            for tensor in per[expert]:
+                if offset + _nbytes(tensor) > self.size:
+                    raise ValueError(f"expert {expert} needs more than the {self.size}-byte slot")
+                layout.append((target, tensor, offset))
+                offset += _aligned(_nbytes(tensor))
+        return layout
+
+    def _stage(self, layout: list[tuple[str, torch.Tensor, int]]) -> tuple[int, torch.Tensor]:
         """The expert's bytes laid out as in a slot, in the next page-locked ring buffer
         (once its previous copy to the device has finished)."""
         if not self._ring:
@@ -154,13 +156,11 @@ class ExpertCache:
         r, self._next = self._next, (self._next + 1) % RING
         self._ring_done[r].synchronize()
         ring = self._ring[r]
-        offset = 0
-        for tensor in tensors:
-            nbytes = _nbytes(tensor)
+        for _, tensor, offset in layout:
             flat = torch.as_strided(tensor.detach(), (tensor.numel(),), (1,)).view(torch.uint8)
-            ring[offset : offset + nbytes].copy_(flat)
-            offset += _aligned(nbytes)
-        return r, ring[:offset]
+            ring[offset : offset + flat.numel()].copy_(flat)
+        _, last, end = layout[-1]
+        return r, ring[: end + _nbytes(last)]
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -156,10 +156,9 @@ def _from_cache(
     this step selects more experts than the pool has slots."""
     cache, layer, source = cached
     wanted = sorted(set(top_k_index.reshape(-1).tolist()))
-    if len(wanted) > cache.slots:
-        cache.stats.uncached += 1
+    held = cache.take(layer, source, wanted)  # None (counted) when more than its slots
+    if held is None:
         return None
-    held = cache.take(layer, source, wanted)
     source.touched.update(wanted)
     return _per_expert(self, held, lambda _: None, hidden_states, top_k_index, top_k_weights)
 

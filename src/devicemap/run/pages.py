@@ -186,11 +186,15 @@ def drop(pages: Pages, files: FileRanges) -> None:
     if _POPULATE:  # Linux
         for start, length in pages.spans:
             _LIBC.madvise(start, length, MADV_PAGEOUT)
+    by_file: dict[str, list[tuple[int, int]]] = {}
     for path, offset, length in files.ranges:
+        by_file.setdefault(path, []).append((offset, length))
+    for path, spans in by_file.items():  # a block's tensors lie in one file or two
         with contextlib.suppress(OSError):
             fd = os.open(path, os.O_RDONLY)
             try:
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+                for offset, length in spans:
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
 
