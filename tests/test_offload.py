@@ -162,6 +162,39 @@ def test_prefetcher_faults_in_the_next_block(disk_llama: tuple[Any, Any, Path]) 
         prefetcher.close()
 
 
+def test_a_read_that_fails_in_the_worker_is_raised_by_the_forward_not_waited_on(
+    disk_llama: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, plan, _ = disk_llama
+    disk = [n for n, v in plan.device_map.items() if v == "disk"]
+    blocks = [block_weights(n, model.get_submodule(n)) for n in disk]
+
+    def broken(pages: Any, **_: Any) -> bool:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(offload, "fault_in", broken)
+    prefetcher = PagePrefetcher(blocks, depth=1)
+    try:
+        prefetcher.begin()  # asks for model.layers.1: the worker fails on it
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                prefetcher.enter("model.layers.1")
+                prefetcher.enter("model.layers.3")
+            except OffloadError as error:
+                errors.append(error)
+            done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        assert done.wait(10), "enter() hung on a worker that had failed"
+        assert len(errors) == 1
+        assert "model.layers.1" in str(errors[0]) and "Input/output error" in str(errors[0])
+    finally:
+        prefetcher.close()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT, mincore")
 def test_a_streamed_block_is_dropped_once_it_has_run_and_resident_ones_stay(
     disk_llama: tuple[Any, Any, Path],

@@ -361,10 +361,10 @@ class ReplyStream(Iterator[str]):
         sampling: Sampling,
         inputs: Mapping[str, Any] | None = None,
     ):
-        _check_vocabulary(model, input_ids)
+        check_vocabulary(model, input_ids)
         self._tokenizer = tokenizer
         self._sampling = sampling
-        self._eos = _eos_ids(model, tokenizer)
+        self._eos = eos_ids(model, tokenizer)
         self._prompt_tokens = int(input_ids.shape[-1])
         self._ids: list[int] = []
         self._times: list[float] = []  # perf_counter of each new token
@@ -378,7 +378,7 @@ class ReplyStream(Iterator[str]):
             torch.manual_seed(sampling.seed)  # the worker draws from the global generator
         kwargs = _generate_kwargs(model, input_ids, sampling, self._streamer, self._stop)
         device = kwargs["input_ids"].device
-        kwargs.update({k: _to(v, device) for k, v in (inputs or {}).items() if v is not None})
+        kwargs.update({k: to_device(v, device) for k, v in (inputs or {}).items() if v is not None})
         self._start = time.perf_counter()
         self._worker = threading.Thread(
             target=_run_generate, args=(model, kwargs, self._streamer.queue), daemon=True
@@ -510,7 +510,7 @@ class ReplyStream(Iterator[str]):
         return "interrupted" if self._stop.event.is_set() else "stop"
 
 
-def _check_vocabulary(model: Any, input_ids: torch.Tensor) -> None:
+def check_vocabulary(model: Any, input_ids: torch.Tensor) -> None:
     """ConfigError when the prompt holds a token id past the model's embedding table: the
     tokenizer is not this model's (the lookup would fail inside generate, or read garbage)."""
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
@@ -536,12 +536,12 @@ def stream_reply(
     return ReplyStream(model, tokenizer, input_ids, sampling or Sampling(), inputs)
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
     """Tensors (also in lists) on `device`, so the model's entry hook finds them there."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     return value
 
 
@@ -558,7 +558,7 @@ def _run_generate(model: Any, kwargs: dict[str, Any], out: queue.Queue[Any]) -> 
 def _generate_kwargs(
     model: Any, input_ids: torch.Tensor, s: Sampling, streamer: _TokenQueue, stop: _StopFlag
 ) -> dict[str, Any]:
-    ids = input_ids.to(_input_device(model))
+    ids = input_ids.to(input_device(model))
     kwargs: dict[str, Any] = dict(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -577,7 +577,7 @@ def _generate_kwargs(
     return kwargs
 
 
-def _input_device(model: Any) -> torch.device:
+def input_device(model: Any) -> torch.device:
     """Where the token ids go: the embedding's device, or the CPU when it is offloaded."""
     weight = model.get_input_embeddings().weight
     return torch.device("cpu") if weight.device.type == "meta" else weight.device  # type: ignore[no-any-return]
@@ -592,7 +592,7 @@ def _generation_config(model: Any) -> Any:
     return config if config is not None else GenerationConfig()
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     eos = _generation_config(model).eos_token_id
     ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
     if tokenizer.eos_token_id is not None:

@@ -180,9 +180,10 @@ class PagePrefetcher:
         self._quiet: dict[str, int] = {}  # passes left before a resident block is checked
         self._span: dict[str, int] = {}  # the quiet period it got last (worker-written)
         self._inflight: dict[str, threading.Event] = {}  # handed to the worker: set when done
+        self._failed: list[BaseException] = []  # what stopped the worker reading, if anything
         self._thread = threading.Thread(
             target=_fault_in_forever,
-            args=(self._jobs, self._quiet, self._span, frozenset(self._files)),
+            args=(self._jobs, self._quiet, self._span, frozenset(self._files), self._failed),
             name="devicemap-pages",
             daemon=True,
         )
@@ -214,6 +215,12 @@ class PagePrefetcher:
         pending = self._inflight.pop(name, None)
         if pending is not None:
             pending.wait()
+        if self._failed:  # the worker cannot read: say why here, never wait on it forever
+            error = self._failed[0]
+            raise OffloadError(
+                f"reading the disk-stored weights of {name} ahead of need failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
         if name in self._recent:  # run now: asked for again when it is next ahead
             self._recent.remove(name)
         self._request_from(self._predict.observe(name), running=name)
@@ -280,12 +287,15 @@ def _fault_in_forever(
     quiet: dict[str, int],
     span: dict[str, int],
     streamed: frozenset[str],
+    failed: list[BaseException],
 ) -> None:
     while True:
         job = jobs.get()
         try:
             if job is None:
                 return
+            if failed:
+                continue  # enter() raises the first failure; the rest only release waiters
             name, pages, _, files = job
             if files is not None:
                 drop(pages, files)
@@ -298,6 +308,8 @@ def _fault_in_forever(
                 span.clear()
             else:
                 span[name] = quiet[name] = min(2 * span.get(name, 0) or 1, QUIET_MAX)
+        except Exception as error:  # noqa: BLE001 - handed to the forward that waits
+            failed.append(error)
         finally:
             if job is not None:
                 job[2].set()
