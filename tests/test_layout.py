@@ -1,5 +1,6 @@
 """The package's layout stays honest: no import cycles between devicemap modules, and each
-stage imports only the stages below it (cli -> load -> run -> plan -> model -> devices/errors).
+stage imports only the stages below it (cli -> serve -> load -> run -> plan -> model ->
+devices/errors).
 
 Imports are read with `ast` from the source (every `import` and `from ... import`, also
 those inside functions and under TYPE_CHECKING), so nothing is executed.
@@ -19,7 +20,16 @@ import devicemap
 
 PACKAGE = Path(devicemap.__file__).parent
 # a stage may import its own rank and below; a new folder must be ranked here to land
-RANKS = {"devices": 0, "errors": 0, "model": 1, "plan": 2, "run": 3, "load": 4, "cli": 5}
+RANKS = {
+    "devices": 0,
+    "errors": 0,
+    "model": 1,
+    "plan": 2,
+    "run": 3,
+    "load": 4,
+    "serve": 5,
+    "cli": 6,
+}
 FACADE = {"devicemap", "devicemap.__main__"}  # the public surface: imports every stage
 
 

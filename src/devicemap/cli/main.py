@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from . import cache, commands
+from . import cache, commands, serve
 from .options import ModelArg, PlanChoices, model_argument, options_from, reporting_errors
 from .tables import render_plan
 
@@ -67,4 +67,5 @@ def plan_command(
 app.command("run")(commands.run_command)
 app.command("chat")(commands.chat_command)
 app.command("bench")(commands.bench_command)
+app.command("serve")(serve.serve_command)
 app.add_typer(cache.app, name="cache")

@@ -308,7 +308,7 @@ def _fault_in_forever(
                 span.clear()
             else:
                 span[name] = quiet[name] = min(2 * span.get(name, 0) or 1, QUIET_MAX)
-        except Exception as error:  # noqa: BLE001 - handed to the forward that waits
+        except Exception as error:  # handed to the forward that waits
             failed.append(error)
         finally:
             if job is not None:
