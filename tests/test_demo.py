@@ -117,6 +117,24 @@ def test_greedy_answer_names_paris(converted: tuple[Any, Any]) -> None:
 
 
 @pytest.mark.slow
+def test_serve_answers_through_the_openai_client(demo_dir: Path) -> None:
+    """The README's serve example: the demo model split between RAM and disk."""
+    from live_server import Server
+
+    live = Server(demo_dir, "--max-memory", "cpu=600MiB", "--max-memory", "disk=2GiB",
+                  "--context", "1024", "--name", demo.DEMO_NAME)  # fmt: skip
+    try:
+        reply = live.client().chat.completions.create(
+            model=demo.DEMO_NAME, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )  # fmt: skip
+        assert reply.choices[0].message.content == "The capital of France is Paris."
+        assert "disk: " in live.stderr  # split between RAM and disk
+    finally:
+        assert live.stop() == 0, live.stderr
+
+
+@pytest.mark.slow
 def test_second_call_reuses_the_conversion(demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any) -> None:
         raise AssertionError("converted again")
