@@ -233,21 +233,28 @@ def endless(server: Server) -> str:
     pytest.skip("every candidate prompt ends early on this random model")
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(one_row: Server) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_client_that_disconnects_mid_reply_frees_its_row(one_row: Server, stream: bool) -> None:
     before = one_row.health()["generated_tokens"]
     sock = socket.create_connection(("127.0.0.1", one_row.port))
     body = json.dumps({
         "model": served(one_row), "messages": [{"role": "user", "content": endless(one_row)}],
-        "max_tokens": CONTEXT - 40, "temperature": 0, "stream": True,
+        "max_tokens": CONTEXT - 40, "temperature": 0, "stream": stream,
     }).encode()  # fmt: skip
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
-    assert b"data: " in sock.recv(4096)  # the stream has started
-    sock.close()
+    if stream:
+        sock.settimeout(30)
+        received = b""
+        while b"data: " not in received:  # the stream has started
+            received += sock.recv(4096)
     deadline = time.monotonic() + 30
+    while not one_row.health()["active"] and time.monotonic() < deadline:
+        time.sleep(0.01)  # the model is on it
+    sock.close()
     while one_row.health()["active"] and time.monotonic() < deadline:
         time.sleep(0.02)
     health = one_row.health()
@@ -410,7 +417,12 @@ def test_a_port_in_use_is_one_error_line_naming_it(model: Path) -> None:
     ]
 
 
-def test_sigterm_ends_the_streams_in_flight_cleanly_and_exits(model: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"]
+)
+def test_a_signal_ends_the_streams_in_flight_cleanly_and_exits(
+    model: Path, sig: int, status: int
+) -> None:
     live = Server(model, "--max-batch", "2", "--context", str(CONTEXT))
     try:
         stream = live.client().chat.completions.create(
@@ -419,10 +431,10 @@ def test_sigterm_ends_the_streams_in_flight_cleanly_and_exits(model: Path) -> No
         )  # fmt: skip
         chunks = iter(stream)
         next(chunks)
-        live.process.send_signal(signal.SIGTERM)
+        live.process.send_signal(sig)
         rest = list(chunks)  # the openai client stops at [DONE]; an unclean end raises
         assert rest and rest[-1].choices[0].finish_reason in ("abort", "stop", "length")
-        assert live.process.wait(60) == 0
+        assert live.process.wait(60) == status
         assert "server stopped" in live.stderr
     finally:
         live.stop(signal.SIGKILL)
