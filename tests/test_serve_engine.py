@@ -224,3 +224,23 @@ def test_a_token_id_past_the_vocabulary_is_refused_at_submit(tok: Any) -> None:
             submit(engine, [1, len(tok) + 5], Sampling(max_new_tokens=2))
     finally:
         engine.close()
+
+
+def test_an_unexpected_failure_in_the_app_is_500_in_openai_shape() -> None:
+    from fastapi.testclient import TestClient
+
+    from devicemap.serve.app import Settings, create_app
+
+    class Broken:
+        chat_template = None
+
+        def __call__(self, *_: Any, **__: Any) -> Any:
+            raise KeyError("no such piece")
+
+    engine = type("Idle", (), {"active": 0, "waiting": 0, "max_batch": 1})()
+    app = create_app(engine, Settings(model_id="m", tokenizer=Broken(), context=64))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert answer.status_code == 500
+    error = answer.json()["error"]
+    assert error["type"] == "server_error" and "KeyError" in error["message"]

@@ -107,6 +107,12 @@ def create_app(engine: Any, settings: Settings) -> FastAPI:
         code = "not_found" if error.status_code == 404 else None
         return ApiError(error.status_code, str(error.detail), code=code).response()
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        message = f"the server failed on this request ({type(error).__name__}: {reason})"
+        return ApiError(500, message, kind="server_error").response()
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
