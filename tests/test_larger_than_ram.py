@@ -66,7 +66,7 @@ def test_the_plan_records_and_explains_the_split(llama: Path) -> None:
     assert again.streamed == plan.streamed and again.options.page_cache == cache
 
 
-def test_the_page_cache_left_after_the_cpu_budget_is_the_default(
+def test_the_page_cache_left_after_the_plans_cpu_tier_is_the_default(
     llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from devicemap import devices
@@ -74,7 +74,17 @@ def test_the_page_cache_left_after_the_cpu_budget_is_the_default(
     monkeypatch.setattr(devices, "cpu_memory", lambda: (100 * MIB, 200 * MIB))
     budgets = {"cpu": "10MiB", "disk": "1GiB"}
     plan = devicemap.plan(llama, max_memory=budgets, offload_exec="cpu", context=64)
-    assert plan.options.page_cache == int(100 * MIB * 0.9) - 10 * MIB
+    on_cpu = next(u.used for u in plan.devices if str(u.device) == "cpu")
+    assert 0 < on_cpu <= 10 * MIB
+    assert plan.options.page_cache == int(100 * MIB * 0.9) - on_cpu
+    # a cpu budget far above what the plan puts there (layers pinned to disk) does not
+    # shrink the page cache: the budget is a cap, not what is used
+    pins = {f"model.layers.{i}": "disk" for i in range(4)}
+    roomy = {"cpu": "80MiB", "disk": "1GiB"}
+    pinned = devicemap.plan(llama, max_memory=roomy, pins=pins, offload_exec="cpu", context=64)
+    used = next(u.used for u in pinned.devices if str(u.device) == "cpu")
+    assert used < 10 * MIB and pinned.options.page_cache == int(100 * MIB * 0.9) - used
+    assert not pinned.streamed
     too_much = r"cpu budget \(1.00 GiB\) is more than .* \(100.00 MiB free"
     with pytest.warns(MemoryWarning, match=too_much):
         devicemap.plan(llama, max_memory={"cpu": "1GiB", "disk": "1GiB"}, offload_exec="cpu")

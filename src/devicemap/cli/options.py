@@ -94,7 +94,7 @@ PageCacheOpt = Annotated[
         "--page-cache",
         help="How much of the disk tier may stay in the page cache (16GiB, 12GB); disk blocks"
         " beyond it are streamed through, read each token. Default: this machine's free RAM"
-        " (cgroup limits included) beyond the cpu budget, less a tenth.",
+        " (cgroup limits included) beyond what the plan puts on the cpu, less a tenth.",
     ),
 ]
 TrustOpt = Annotated[

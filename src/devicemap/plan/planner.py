@@ -466,17 +466,17 @@ def plan(
     GPU for routed experts stored off the GPUs, copied in least-recently-used (0: none).
     `page_cache`: how much of the disk tier may stay in the page cache (the rest is streamed
     through it); default: what this machine's RAM (cgroup limits included) has free beyond
-    the cpu budget, less a tenth."""
+    what the plan puts on the cpu, less a tenth."""
     from ..devices import cpu_memory, parse_size, resolve_budgets  # this machine, only here
 
     skeleton = _skeleton_of(model, dtype, no_split, trust_remote_code)
     budgets = resolve_budgets(max_memory, gpus=gpus)
     cache: int | None = None
+    free_ram: int | None = None
     if page_cache is not None:
         cache = parse_size(page_cache)
     elif DISK in budgets:
-        free = cpu_memory()[0]
-        cache = max(0, int(free * 0.9) - budgets.get(CPU, 0))
+        free = free_ram = cpu_memory()[0]
         if max_memory is not None and budgets.get(CPU, 0) > free:
             warnings.warn(
                 f"the cpu budget ({format_size(budgets[CPU])}) is more than this process may"
@@ -496,7 +496,7 @@ def plan(
         expert_cache=expert_cache,
         page_cache=cache,
     )
-    return make_plan(skeleton, budgets, options)
+    return make_plan(skeleton, budgets, options, free_ram=free_ram)
 
 
 class MemoryWarning(UserWarning):
@@ -594,8 +594,18 @@ def _check_options(skeleton: Skeleton, budgets: Mapping[Device, int], options: P
 # --- make_plan: place, then account exactly ----------------------------------
 
 
-def make_plan(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOptions) -> Plan:
-    """Place every block; pure: same input -> same plan, linear in the number of blocks."""
+def make_plan(
+    skeleton: Skeleton,
+    budgets: Mapping[Device, int],
+    options: PlanOptions,
+    *,
+    free_ram: int | None = None,
+) -> Plan:
+    """Place every block; pure: same input -> same plan, linear in the number of blocks.
+
+    `free_ram`: the RAM free on this machine (bytes), which sets the page cache when
+    `options.page_cache` is None: what the plan's cpu tier leaves of it, less a tenth (the
+    cpu budget is a cap, often far above what the plan puts there)."""
     _check_options(skeleton, budgets, options)
     budgets = dict(sorted(budgets.items(), key=lambda item: item[0].sort_key))
     pool = expert_pool(skeleton, budgets, options)
@@ -619,6 +629,9 @@ def make_plan(skeleton: Skeleton, budgets: Mapping[Device, int], options: PlanOp
         assert usage.used <= usage.budget, f"planner exceeded the budget of {usage.device}"
     blocks = skeleton.blocks
     on_disk = [b for b, d in zip(blocks, stored, strict=True) if d == DISK and b.nbytes]
+    if options.page_cache is None and free_ram is not None:
+        on_cpu = sum(u.used for u in devices if u.device == CPU)
+        options = dataclasses.replace(options, page_cache=max(0, int(free_ram * 0.9) - on_cpu))
     streamed = disk_split(on_disk, options.page_cache)
     return Plan(
         model=skeleton.source.name,
