@@ -352,3 +352,25 @@ def test_chat_never_suggests_a_context_past_the_models_own(model: Any, tok: Any)
     chat = Chat(model, tok, sampling=Sampling(max_new_tokens=8), context=32, limit=64)
     with pytest.raises(ContextTooLong, match="the model holds at most 64 tokens"):
         chat.send("a" * 100)
+
+
+def test_text_decoder_streams_in_constant_work_per_token(tok: Any) -> None:
+    """Each step decodes a few tokens, never the reply so far; the pieces add up to the
+    whole text, characters split over several byte tokens included."""
+    from devicemap.run.generate import TextDecoder
+
+    text = "Paris, café, 東京 and ünïcödé — " * 20
+    ids = tok(text, add_special_tokens=False).input_ids
+    lengths: list[int] = []
+
+    class Counting:
+        def decode(self, part: list[int], **kw: Any) -> str:
+            lengths.append(len(part))
+            return str(tok.decode(part, **kw))
+
+    decoder = TextDecoder(Counting())
+    pieces = [decoder.add([i]) for i in ids]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == text
+    assert len(ids) > 500 and max(lengths) <= 8
+    assert sum(1 for p in pieces if p) > len(text) / 2  # it streamed, character by character

@@ -346,6 +346,41 @@ class _TokenQueue(BaseStreamer):  # type: ignore[misc]
         pass  # the worker queues _END itself, also when generate raises
 
 
+class TextDecoder:
+    """The text of a growing token sequence, handed out piece by piece in O(1) per token:
+    each step decodes only the tokens since the last piece, after the piece before them as
+    context (decoding them alone would lose a leading space or split a character), and
+    returns what that adds. A piece ending in what may be half a character (U+FFFD) waits
+    for at most _HOLD_TOKENS more tokens (a UTF-8 character needs at most 3 more bytes), so
+    a reply of invalid bytes still streams."""
+
+    def __init__(self, tokenizer: Any):
+        self._decode = tokenizer.decode
+        self.ids: list[int] = []
+        self._prefix = 0  # ids[_prefix:_read]: the last piece handed out (the context)
+        self._read = 0
+        self._held = 0  # tokens added since the last piece
+
+    def add(self, ids: Sequence[int]) -> str:
+        """Add `ids`; the text they add (maybe '' while held back)."""
+        self.ids.extend(ids)
+        return self._piece(final=False)
+
+    def flush(self) -> str:
+        """The text held back, if any (the sequence has ended)."""
+        return self._piece(final=True)
+
+    def _piece(self, *, final: bool) -> str:
+        before = self._decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        after = self._decode(self.ids[self._prefix :], skip_special_tokens=True)
+        unsure = after.endswith("\ufffd") or not after.startswith(before)
+        if unsure and not final and self._held < _HOLD_TOKENS:
+            self._held += 1
+            return ""
+        self._prefix, self._read, self._held = self._read, len(self.ids), 0
+        return str(after[len(before) :])
+
+
 class ReplyStream(Iterator[str]):
     """Text pieces of a reply as they are generated; `.reply` once finished.
 
@@ -369,7 +404,7 @@ class ReplyStream(Iterator[str]):
         self._ids: list[int] = []
         self._times: list[float] = []  # perf_counter of each new token
         self._shown = ""  # text already handed out
-        self._held = 0  # tokens since text was last handed out
+        self._text = TextDecoder(tokenizer)
         self._reply: Reply | None = None
         self._callbacks: list[Callable[[Reply], None]] = []
         self._streamer = _TokenQueue()
@@ -474,15 +509,9 @@ class ReplyStream(Iterator[str]):
         self._times.extend([when] * len(ids))
 
     def _new_text(self) -> str:
-        """Text decoded since the last piece; held back while it ends in what may be a partial
-        character, for at most _HOLD_TOKENS tokens (a UTF-8 character needs at most 3 more
-        bytes): a reply of invalid bytes still streams instead of appearing only at its end."""
-        text = self._decode()
-        partial = text.endswith("\ufffd") and self._held < _HOLD_TOKENS
-        if partial or not text.startswith(self._shown):
-            self._held += 1
-            return ""
-        piece, self._shown, self._held = text[len(self._shown) :], text, 0
+        """Text decoded since the last piece (TextDecoder: O(1) per token)."""
+        piece = self._text.add(self._ids[len(self._text.ids) :])
+        self._shown += piece
         return piece
 
     def _decode(self) -> str:

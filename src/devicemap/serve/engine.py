@@ -33,10 +33,16 @@ from typing import Any, Literal
 import torch
 
 from ..errors import DevicemapError, GenerationFailed
-from ..run.generate import Sampling, check_vocabulary, eos_ids, input_device, to_device
+from ..run.generate import (
+    Sampling,
+    TextDecoder,
+    check_vocabulary,
+    eos_ids,
+    input_device,
+    to_device,
+)
 
 Finish = Literal["stop", "length", "abort"]
-_HOLD_TOKENS = 4  # tokens a piece ending in U+FFFD waits for the rest of its character
 
 
 class QueueFull(DevicemapError):
@@ -72,9 +78,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # state, the engine's own
     ids: list[int] = field(default_factory=list)  # generated so far
-    _prefix: int = 0  # detokenizer: text is decoded from ids[_prefix:]
-    _read: int = 0  # ... and ids[_prefix:_read] was already handed out
-    _held_tokens: int = 0
+    _text: TextDecoder | None = None  # the reply's text, token by token
     _pending: str = ""  # text held back: it may be the start of a stop string
     _generator: torch.Generator | None = None
 
@@ -327,13 +331,11 @@ class Engine:
             finish: Finish | None = None
             if token in self._eos:
                 finish = "stop"
+            elif len(job.ids) >= job.sampling.max_new_tokens:
+                finish = "length"
             text, stopped = self._text(job, final=finish is not None)
             if stopped:
                 finish = "stop"
-            elif finish is None and len(job.ids) >= job.sampling.max_new_tokens:
-                finish = "length"
-                more, _ = self._text(job, final=True)
-                text += more
             if text:
                 job.emit(Event("text", text=text))
             if finish is not None or job.cancelled.is_set():
@@ -372,18 +374,13 @@ class Engine:
     def _text(self, job: Job, *, final: bool) -> tuple[str, bool]:
         """Text added by the last token (held back while it may be half a character or the
         start of a stop string), and whether a stop string ended the reply."""
-        eos = bool(job.ids) and job.ids[-1] in self._eos
-        ids = job.ids[:-1] if eos else job.ids  # the end-of-sequence token has no text
-        decode = self.tokenizer.decode
-        before = decode(ids[job._prefix : job._read], skip_special_tokens=True)
-        after = decode(ids[job._prefix :], skip_special_tokens=True)
-        unsure = after.endswith("\ufffd") or not after.startswith(before)
-        if unsure and not final and job._held_tokens < _HOLD_TOKENS:
-            job._held_tokens += 1
-            piece = ""
+        if job._text is None:
+            job._text = TextDecoder(self.tokenizer)
+        token = job.ids[-1:]
+        if token and token[0] in self._eos:
+            piece = job._text.flush()  # the end-of-sequence token has no text
         else:
-            piece = after[len(before) :]
-            job._prefix, job._read, job._held_tokens = job._read, len(ids), 0
+            piece = job._text.add(token) + (job._text.flush() if final else "")
         text = job._pending + piece
         job._pending = ""
         if not job.stop:
