@@ -52,6 +52,21 @@ def test_reset_forgets_and_exit_ends(llama: Path) -> None:
     assert result.stderr.count(f"[{NEW} tokens, ") == 2  # "never read" was not answered
 
 
+def test_help_and_unknown_commands_are_not_sent_to_the_model(llama: Path) -> None:
+    result = chat(llama, "/help\n/nonsense\n/bye\nnever read\n")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "/reset, /clear" in result.stderr and '"""' in result.stderr
+    assert "unknown command /nonsense; /help lists them" in result.stderr
+
+
+def test_a_message_of_several_lines_between_triple_quotes(llama: Path) -> None:
+    result = chat(llama, '"""first line\nsecond line\nthird"""\n/clear\n"""\nalone\n"""\n')
+    assert result.exit_code == 0
+    first = reply(llama, user("first line\nsecond line\nthird"))
+    second = reply(llama, user("\nalone\n".strip()))
+    assert result.stdout == f"{first}\n{second}\n"
+
+
 def test_history_is_kept_between_messages(llama: Path) -> None:
     result = chat(llama, "hello\n\nhi again\n")  # a blank line is skipped; end of input exits
     assert result.exit_code == 0
@@ -171,3 +186,45 @@ def test_ctrl_c_stops_the_reply_not_the_session(tmp_path: Path) -> None:
     stopped = re.search(r"\[interrupted\]\n(?:.*\n)*?\[(\d+) tokens, [\d.]+ tok/s\]", log)
     assert stopped is not None, log
     assert 0 < int(stopped.group(1)) < 3000, log  # the reply stopped early
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux pseudo-terminal")
+def test_on_a_terminal_arrow_keys_edit_and_recall_earlier_messages(llama: Path) -> None:
+    import contextlib
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "devicemap", "chat", str(llama), "-n", str(NEW)],
+        stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "200"},
+    )  # fmt: skip
+    os.close(follower)
+    seen = b""
+
+    def wait_for(marker: bytes, count: int) -> None:
+        """Read until `marker` has appeared `count` times."""
+        nonlocal seen
+        deadline = time.monotonic() + 120
+        while seen.count(marker) < count and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.2)[0]:
+                with contextlib.suppress(OSError):
+                    seen += os.read(leader, 4096)
+        assert seen.count(marker) >= count, seen.decode(errors="replace")
+
+    try:
+        wait_for(b"\n> ", 1)
+        os.write(leader, b"hellx\x7fo\r")  # a typo, erased with backspace
+        wait_for(b"\n> ", 2)  # answered; the prompt again
+        first = len(seen)
+        os.write(leader, b"\x1b[A\r")  # up arrow: the last message again
+        wait_for(b"\n> ", 3)
+        os.write(leader, b"/exit\r")
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(leader)
+    assert b"^[[A" not in seen and seen.count(b" tok/s]") == 2
+    assert seen[first:].count(b"hello") == 1  # recalled and sent again

@@ -7,9 +7,11 @@ Progress, notes and summaries go to stderr; replies (or one JSON object) to stdo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -511,7 +513,8 @@ def chat_command(
     system: SystemOpt = None,
     sampling_choices: SamplingChoices,
 ) -> None:
-    """Chat with MODEL, one message per line; /reset forgets the history, /exit ends.
+    """Chat with MODEL, one message per line (between \"\"\" lines for several); /help lists
+    the commands, /reset forgets the history, /exit ends.
 
     Ctrl-C stops the reply being written, not the session. Standard input may be a pipe.
     """
@@ -531,32 +534,81 @@ def chat_command(
     raise typer.Exit(status)
 
 
+CHAT_HELP = """\
+/help          this list
+/reset, /clear forget the conversation (the --system message stays)
+/exit, /bye    end the chat (so does Ctrl-D)
+\"\"\"            begin a message of several lines; a line ending with \"\"\" ends it
+Ctrl-C stops the reply being written; at the prompt it ends the chat. Arrow keys edit the
+line and recall earlier messages."""
+_FENCE = '"""'  # opens and closes a multi-line message, as in ollama
+
+
 def converse(chat: Chat, *, tty: bool) -> int:
     """Read messages until /exit or end of input; return the exit status. A message that is
     not valid UTF-8 is answered with U+FFFD for its bad bytes, after a warning."""
     read_undecodable_stdin()
     if tty:
-        stderr.print("type a message; /reset forgets the conversation, /exit (or Ctrl-D) ends")
+        _line_editing()
+        stderr.print("type a message; /help lists the commands, /exit (or Ctrl-D) ends")
     while True:
         try:
-            line = read_message(tty)
+            message = read_message(tty)
         except KeyboardInterrupt:  # at the prompt: leave quietly
             sys.stdout.write("\n")
             return INTERRUPTED
-        if line is None or line.strip() == "/exit":
+        if message is None:
             return 0
-        if line.strip() == "/reset":
+        command = message.strip()
+        if command in ("/exit", "/bye"):
+            return 0
+        if command in ("/reset", "/clear"):
             chat.reset()
             stderr.print("[history cleared]")
-        elif line.strip():
-            answer(chat, valid_text(line.strip(), "the message"))
+        elif command in ("/help", "/?"):
+            stderr.print(CHAT_HELP)
+        elif re.fullmatch(r"/[A-Za-z?]+", command):
+            stderr.print(f"unknown command {command}; /help lists them")
+        elif command:
+            answer(chat, valid_text(message.strip(), "the message"))
+
+
+def _line_editing() -> None:
+    """readline for input(): arrow keys edit the line, up and down recall earlier messages
+    (this session's). Not on every platform (Windows without pyreadline): then plain input."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 - importing it is what turns line editing on
 
 
 def read_message(tty: bool) -> str | None:
-    """The next line of input without its newline; None at end of input."""
+    """The next message: one line without its newline, or the lines between a line
+    beginning with \"\"\" and one ending with it; None at end of input."""
+    first = _read_line(tty, "> ")
+    if first is None or not first.lstrip().startswith(_FENCE):
+        return first
+    body = first.lstrip()[len(_FENCE) :]
+    lines: list[str] = []
+    while True:
+        if body.rstrip().endswith(_FENCE):
+            lines.append(body.rstrip()[: -len(_FENCE)])
+            return "\n".join(lines)
+        lines.append(body)
+        line = _read_line(tty, "... ")
+        if line is None:  # end of input inside the message: send what came
+            return "\n".join(lines)
+        body = line
+        if sum(len(x) for x in lines) > MAX_INPUT:
+            raise BadOption(
+                f"a message is longer than {MAX_INPUT} characters, more than any context"
+                " holds; give shorter messages", options=("stdin",),
+            )  # fmt: skip
+
+
+def _read_line(tty: bool, prompt: str) -> str | None:
+    """One line of input without its newline; None at end of input."""
     if tty:
         try:
-            return input("> ")
+            return input(prompt)
         except EOFError:
             sys.stdout.write("\n")
             return None
