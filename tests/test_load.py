@@ -6,6 +6,7 @@ checkpoint: logits bit for bit (same inputs, float32 and bfloat16) and greedy to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -346,6 +347,32 @@ def test_progress_bar_reports_bytes_and_speed_per_device_on_stderr(
         progress=False,
     )
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["as is", "converted"])
+def test_progress_counts_every_byte_once_converted_disk_tensors_included(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+) -> None:  # fmt: skip
+    counted: dict[Any, int] = {}
+    totals: dict[Any, int] = {}
+
+    class Spy:
+        def advance(self, device: Any, nbytes: int) -> None:
+            counted[device] = counted.get(device, 0) + nbytes
+
+    @contextlib.contextmanager
+    def spy_bar(wanted: Any, enabled: bool) -> Any:
+        totals.update(wanted)
+        yield Spy()
+
+    monkeypatch.setattr(load_module, "progress_bar", spy_bar)
+    for _ in range(2):  # converting, then from the offload cache
+        counted.clear()
+        skeleton = build_skeleton(tiny_models["llama"], dtype=dtype)
+        plan = hand_plan(skeleton, alternate(skeleton))
+        place(skeleton, plan, read_index(skeleton.source), offload_dir=tmp_path, progress=True)
+        assert counted == totals and totals[parse_device("disk")] > 0
 
 
 # --- the public entry: load(path, ...) plans, loads, dispatches ---------------------------

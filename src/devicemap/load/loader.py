@@ -288,7 +288,8 @@ def _place_recipe(
         info = cached[key] if key in cached else recipe.inputs[0]
         view = checkpoint.tensor_view(info, mapping=job.private_map(info.file))
         job.set(key, view)  # zero-copy: the parameter IS the file's page cache, copy-on-write
-        meter.advance(DISK, view.nbytes)
+        if key not in cached:  # a converted tensor was counted when _offload wrote it
+            meter.advance(DISK, view.nbytes)
     if not rest:
         return
     info, storage = recipe.inputs[0], job.where[rest[0]].storage
