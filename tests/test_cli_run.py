@@ -122,6 +122,31 @@ def test_saved_plan_is_reused_without_planning(llama: Path, tmp_path: Path) -> N
     assert result.stderr.startswith("read plan in ") and "context 128" in result.stderr
 
 
+def test_a_saved_plan_names_the_model_so_run_needs_no_model_argument(
+    llama: Path, tmp_path: Path
+) -> None:
+    saved = tmp_path / "plan.json"
+    assert invoke("plan", llama, *SPLIT, "--context", 128, "--save", saved).exit_code == 0
+    with_model = invoke("run", llama, "-p", PROMPT, "-n", 8, "--json", "--plan", saved)
+    without = invoke("run", "-p", PROMPT, "-n", 8, "--json", "--plan", saved)
+    assert without.exit_code == 0, without.stderr
+    assert json.loads(without.stdout)["reply"] == json.loads(with_model.stdout)["reply"]
+    assert json.loads(without.stdout)["model"] == str(llama)
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["plan"], ["run"], ["chat"], ["bench"], ["serve"], ["cache"], ["cache", "ls"]]
+)
+def test_every_command_takes_h_and_version(command: list[str]) -> None:
+    from devicemap import __version__
+
+    short, long = invoke(*command, "-h"), invoke(*command, "--help")
+    assert short.exit_code == long.exit_code == 0 and short.stdout == long.stdout
+    assert "Usage: " in short.stdout and "[OPTIONS]" in short.stdout
+    version = invoke(*command, "--version")
+    assert version.exit_code == 0 and version.stdout == f"devicemap {__version__}\n"
+
+
 def test_saved_plan_refuses_planning_options(llama: Path, tmp_path: Path) -> None:
     saved = tmp_path / "plan.json"
     invoke("plan", llama, "--save", saved)

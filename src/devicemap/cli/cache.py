@@ -18,12 +18,20 @@ from rich.table import Table
 
 from ..devices import format_size
 from ..load.cache import Entry, age, default_dir, entries, sweep
+from .version import VersionOpt, with_version
 
 app = typer.Typer(
     help="List and clean the offload cache (converted tensors of disk tiers).",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+@app.callback()
+def cache_group(version: VersionOpt = False) -> None:
+    """List and clean the offload cache (converted tensors of disk tiers)."""
+
 
 DirOpt = Annotated[
     Path | None,
@@ -49,6 +57,7 @@ def _existing(where: Path) -> Path:
 
 
 @app.command("ls")
+@with_version
 def ls_command(directory: DirOpt = None) -> None:
     """What is cached: each file, the model it is for, its size, its last use and status."""
     where = _existing(offload_dir(directory))
@@ -80,6 +89,7 @@ def _status(entry: Entry) -> str:
 
 
 @app.command("rm")
+@with_version
 def rm_command(
     names: Annotated[
         list[str] | None,
@@ -119,6 +129,7 @@ def _names(entry: Entry, name: str) -> bool:
 
 
 @app.command("prune")
+@with_version
 def prune_command(directory: DirOpt = None) -> None:
     """Delete caches whose source files changed or are gone, and dead writers' temp files."""
     where = _existing(offload_dir(directory))

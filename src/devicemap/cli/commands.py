@@ -170,9 +170,14 @@ class Session:
             self.model = None
 
 
-def open_model(model: str | None, planning: PlanChoices) -> tuple[ModelSource, Any]:
+def open_model(
+    model: str | None, planning: PlanChoices, *, plan_file: str | None = None
+) -> tuple[ModelSource, Any]:
     """MODEL resolved on this machine (ModelNotFound if it is not here) and its tokenizer;
-    RemoteCodeNotTrusted first if it needs its own code and --trust-remote-code is not given."""
+    RemoteCodeNotTrusted first if it needs its own code and --trust-remote-code is not given.
+    Without MODEL, a saved --plan names the model (else the demo model)."""
+    if model is None and plan_file is not None:
+        model = Plan.load(plan_file).model
     source = resolve_model(model_argument(model))
     if not planning.trust_remote_code:
         refuse_untrusted_code(source)
@@ -409,7 +414,7 @@ def run_command(
             read_undecodable_stdin()
         text = valid_text(read_stdin() if prompt == "-" else prompt, "the prompt")
         pictures = open_images(image or [])
-        source, tokenizer = open_model(model, planning)
+        source, tokenizer = open_model(model, planning, plan_file=plan_file)
         system = valid_text(system, "--system") if system else None
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": text})
@@ -520,7 +525,7 @@ def chat_command(
     """
     with command_errors():
         sampling = sampling_choices.sampling()
-        with session(ctx, planning, *open_model(model, planning)) as s:
+        with session(ctx, planning, *open_model(model, planning, plan_file=plan_file)) as s:
             s.load()
             chat = Chat(
                 s.model,
@@ -660,7 +665,8 @@ def bench_command(
     """
     with command_errors(as_json=as_json):
         options = BenchOptions(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
-        with session(ctx, planning, *open_model(model, planning), context=options.context) as s:
+        opened = open_model(model, planning, plan_file=plan_file)
+        with session(ctx, planning, *opened, context=options.context) as s:
             check_context(
                 prompt_tokens, new_tokens, s.plan.options.context, limit=s.skeleton.max_positions
             )

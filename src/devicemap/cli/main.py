@@ -16,17 +16,21 @@ from rich.console import Console
 from . import cache, commands, serve
 from .options import ModelArg, PlanChoices, model_argument, options_from, reporting_errors
 from .tables import render_plan
+from .version import VersionOpt, with_version
+
+HELP = {"help_option_names": ["-h", "--help"]}  # every command, the cache group's too
 
 app = typer.Typer(
     help="Plan, load and run models too big for one device, across GPUs, CPU RAM and disk.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP,
 )
 
 
 @app.callback()
-def main() -> None:
+def main(version: VersionOpt = False) -> None:
     """Plan, load and run models too big for one device, across GPUs, CPU RAM and disk."""
 
 
@@ -34,6 +38,7 @@ def main() -> None:
 
 
 @app.command("plan")
+@with_version
 @options_from(planning=PlanChoices)
 def plan_command(
     model: ModelArg = None,
@@ -64,8 +69,8 @@ def plan_command(
         typer.echo(f"plan saved to {save}", err=True)
 
 
-app.command("run")(commands.run_command)
-app.command("chat")(commands.chat_command)
-app.command("bench")(commands.bench_command)
-app.command("serve")(serve.serve_command)
+app.command("run")(with_version(commands.run_command))
+app.command("chat")(with_version(commands.chat_command))
+app.command("bench")(with_version(commands.bench_command))
+app.command("serve")(with_version(serve.serve_command))
 app.add_typer(cache.app, name="cache")

@@ -115,7 +115,7 @@ def serve(
     from ..serve.app import Settings, create_app, known_names
     from ..serve.engine import Engine
 
-    source, tokenizer = open_model(model, planning)
+    source, tokenizer = open_model(model, planning, plan_file=ctx.params.get("plan_file"))
     with session(ctx, planning, source, tokenizer, context=SERVE_CONTEXT) as s:
         rows = s.plan.options.batch
         s.load()

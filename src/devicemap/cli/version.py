@@ -1,0 +1,44 @@
+"""--version on the app and on every command (eager: it prints and exits first)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"devicemap {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+    ),
+]
+
+
+def with_version(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with --version too (eager: it prints and exits before anything runs)."""
+    signature = inspect.signature(command)
+    option = inspect.Parameter(
+        "version", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VersionOpt
+    )
+
+    @functools.wraps(command)
+    def call(*args: Any, version: bool = False, **kwargs: Any) -> None:
+        command(*args, **kwargs)
+
+    call.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), option]
+    )
+    call.__annotations__ = {**getattr(command, "__annotations__", {}), "version": VersionOpt}
+    return call
