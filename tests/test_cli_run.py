@@ -264,3 +264,25 @@ def test_demo_split_between_cpu_and_disk_answers_like_transformers(
     assert out["reply"] == greedy_reply(directory, user(question), max_new_tokens=12)
     assert "Paris" in out["reply"]
     assert out["model"] == str(directory)
+
+
+@pytest.mark.parametrize("after", [0.3, 1.5])
+def test_ctrl_c_during_start_up_is_one_line_and_status_130(after: float) -> None:
+    """While Python still imports torch and transformers (seconds), or while planning."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "devicemap", "plan", "tests/data/configs/llama-3-70b"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    time.sleep(after)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip("the plan was done before the signal came")
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "[interrupted]"

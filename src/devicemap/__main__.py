@@ -1,5 +1,5 @@
 """`python -m devicemap ...`: the same command line as the `devicemap` script."""
 
-from devicemap.cli.main import app
+from devicemap.cli.entry import main
 
-app(prog_name="devicemap")
+main()

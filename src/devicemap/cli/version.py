@@ -12,10 +12,18 @@ import typer
 
 def _show_version(value: bool) -> None:
     if value:
-        from .. import __version__
-
-        typer.echo(f"devicemap {__version__}")
+        typer.echo(f"devicemap {version()}")
         raise typer.Exit()
+
+
+def version() -> str:
+    """This installation's version (its package metadata; the source's when not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("devicemap")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 VersionOpt = Annotated[
