@@ -124,6 +124,9 @@ def test_budgets_percent_uses_inventory():
 
 def test_budgets_default_from_inventory():
     budgets = resolve_budgets(None, inv=_inv(), gpus=[1])
+    kept = 512 * 2**20 + 2**30  # the CUDA margin: 512 MiB + 5% of the 20 GiB card
+    assert budgets == {Device("cuda", 1): 20 * 2**30 - kept, CPU: 64 * 2**30, DISK: 2**40}
+    budgets = resolve_budgets(None, inv=_inv(), gpus=[1], gpu_margin=0)
     assert budgets == {Device("cuda", 1): 20 * 2**30, CPU: 64 * 2**30, DISK: 2**40}
 
 

@@ -6,19 +6,20 @@ bytes; nothing compares device strings or re-derives "the main device".
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import reprlib
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import psutil
 import torch
 
-from .errors import BadSize, DuplicateDevice, UnknownDevice
+from .errors import BadOption, BadSize, DuplicateDevice, UnknownDevice
 
 Kind = Literal["cuda", "mps", "cpu", "disk"]
 _KIND_RANK = {"cuda": 0, "mps": 1, "cpu": 2, "disk": 3}
@@ -64,6 +65,7 @@ DeviceLike = int | str | torch.device | Device
 
 CPU = Device("cpu")
 DISK = Device("disk")
+MPS = Device("mps")
 
 _DEVICE_RE = re.compile(r"^(?:(cuda|gpu)(?::(\d{1,6}))?|(\d{1,6})|(cpu|disk|meta|mps))$")
 
@@ -94,7 +96,7 @@ def parse_device(value: DeviceLike) -> Device:
     if match.group(3):
         return Device("cuda", int(match.group(3)))
     name = match.group(4)
-    return Device("mps") if name == "mps" else (CPU if name == "cpu" else DISK)
+    return MPS if name == "mps" else (CPU if name == "cpu" else DISK)
 
 
 def parse_devices(values: Iterable[DeviceLike]) -> list[Device]:
@@ -196,6 +198,7 @@ class Inventory:
 
     free: Mapping[Device, int]
     total: Mapping[Device, int]
+    notes: tuple[str, ...] = ()  # how a shared pool was split (mps and cpu: one RAM)
 
     @property
     def gpus(self) -> list[Device]:
@@ -206,21 +209,69 @@ def inventory(*, offload_dir: str | os.PathLike[str] | None = None) -> Inventory
     """Free memory now: each GPU (memory held by other processes counts), RAM, disk.
 
     RAM is what this process may still use: its memory cgroup's limit counts (a container
-    or a systemd slice allows less than the machine has).
+    or a systemd slice allows less than the machine has). On Apple silicon the GPU (mps)
+    and the CPU share one RAM, counted once: mps gets the share Metal lets the GPU use
+    (`mps_share`), as far as it is free, and cpu the rest of what is free.
     """
     free: dict[Device, int] = {}
     total: dict[Device, int] = {}
+    notes: tuple[str, ...] = ()
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             free_bytes, total_bytes = torch.cuda.mem_get_info(index)
             free[Device("cuda", index)], total[Device("cuda", index)] = free_bytes, total_bytes
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        # mps shares the unified memory with the CPU
-        free[Device("mps")], total[Device("mps")] = cpu_memory()
-    free[CPU], total[CPU] = cpu_memory()
+        free[CPU], total[CPU] = cpu_memory()
+    elif present(MPS):
+        ram_free, ram_total = cpu_memory()
+        share, source = mps_share(ram_total)
+        free[MPS] = max(0, min(share - _mps_allocated(), ram_free))  # bytes
+        free[CPU], total[MPS], total[CPU] = ram_free - free[MPS], share, ram_total - share
+        notes = (
+            f"mps: {format_size(free[MPS])} free of the {format_size(share)} of unified memory"
+            f" the GPU may use ({source}); cpu: the other {format_size(free[CPU])} of the"
+            f" {format_size(ram_free)} of RAM free now (mps and cpu share it: counted once)",
+        )
+    else:
+        free[CPU], total[CPU] = cpu_memory()
     disk = shutil.disk_usage(_existing_parent(offload_dir or os.getcwd()))
     free[DISK], total[DISK] = disk.free, disk.total
-    return Inventory(free=free, total=total)
+    return Inventory(free=free, total=total, notes=notes)
+
+
+# --- Apple unified memory ------------------------------------------------------
+
+_MPS_SMALL = 36 * 2**30  # bytes of RAM up to which macOS lets the GPU wire 2/3 of it, 3/4 above
+
+
+def mps_share(ram_total: int) -> tuple[int, str]:
+    """(bytes, where the figure comes from) of the unified memory the mps GPU may use.
+
+    Metal's own figure when torch has it: `torch.mps.recommended_max_memory()`, the
+    device's recommendedMaxWorkingSetSize (what the GPU can use without hurting the
+    system; torch's allocator counts its limits from it). Without it, macOS's default
+    GPU wired-memory limit (sysctl iogpu.wired_limit_mb=0): about 2/3 of the RAM on a
+    Mac with up to 36 GiB, 3/4 above (64 GiB: 48 GiB; 128 GiB: 96 GiB).
+    """
+    recommended = getattr(getattr(torch, "mps", None), "recommended_max_memory", None)
+    if recommended is not None:
+        try:
+            nbytes = int(recommended())
+        except (RuntimeError, OSError, ValueError, TypeError):
+            nbytes = 0
+        if nbytes > 0:
+            return min(nbytes, ram_total), "Metal's recommended working set"
+    share = ram_total * 2 // 3 if ram_total <= _MPS_SMALL else ram_total * 3 // 4
+    what = "2/3" if ram_total <= _MPS_SMALL else "3/4"
+    return share, f"{what} of the RAM, macOS's default GPU wired-memory limit"
+
+
+def _mps_allocated() -> int:
+    """Bytes Metal holds for this process already (they count against the GPU's share)."""
+    allocated = getattr(getattr(torch, "mps", None), "driver_allocated_memory", None)
+    try:
+        return max(0, int(allocated())) if allocated is not None else 0
+    except (RuntimeError, OSError, ValueError, TypeError):
+        return 0
 
 
 # --- RAM as cgroups see it -----------------------------------------------------
@@ -349,13 +400,18 @@ def _existing_parent(path: str | os.PathLike[str]) -> str:
 def select_gpus(
     inv: Inventory, gpus: int | Iterable[DeviceLike] | None, *, where: str = "this machine"
 ) -> list[Device]:
-    """GPUs to use: all (None), the first N (an int), or the listed ids, among `inv`'s."""
-    available = inv.gpus
+    """GPUs to use: all (None), the first N by index (an int), or the listed ids, among
+    `inv`'s."""
+    available = inv.gpus  # sorted: cuda:0, cuda:1, ..., then mps
     if gpus is None:
         return available
     if isinstance(gpus, bool):
         raise UnknownDevice(f"gpus={gpus!r}: give a number of GPUs or a list of GPU ids")
     if isinstance(gpus, int):
+        if gpus < 0:
+            raise UnknownDevice(
+                f"--gpus {gpus} is negative; give how many GPUs to use (0 or more), or their ids"
+            )
         if gpus > len(available):
             raise UnknownDevice(
                 f"--gpus {gpus} asks for more GPUs than {where} has ({len(available)});"
@@ -373,12 +429,84 @@ def select_gpus(
     return chosen
 
 
+# --- budgets ---------------------------------------------------------------------
+
+# What a CUDA GPU needs beyond what the plan counts, kept free of every budget measured from
+# its free memory. mem_get_info already excludes the context of the process that measured,
+# but not what the first forwards add: kernel modules loaded lazily (CUDA_MODULE_LOADING=
+# LAZY: the context grows by a few hundred MiB as cuBLAS, cuBLASLt and attention kernels are
+# first used), cuBLAS workspaces (one per stream: devicemap streams weights on a side
+# stream), a context of its own when the plan is used by another process while the
+# measuring one still runs, and the caching allocator's rounding and fragmentation, which
+# grow with the memory in use. 512 MiB + 5% of the GPU's memory: 1.7 GiB of a 24 GiB card,
+# 4.5 GiB of an 80 GiB one; llama.cpp's --fit keeps 1 GiB per GPU, vLLM 10% of the GPU
+# (gpu_memory_utilization 0.9, and it profiles a forward first).
+GPU_CONTEXT_MARGIN = 512 * 2**20  # bytes
+GPU_SLACK = 0.05  # of the GPU's total memory
+
+
+def gpu_margin_bytes(total: int, margin: SizeLike | None = None) -> int:
+    """Bytes kept free on a CUDA GPU of `total` bytes whose budget is measured: `margin`
+    (a size, or a percentage of `total`; 0: none), by default 512 MiB + 5% of `total`."""
+    if margin is None:
+        return GPU_CONTEXT_MARGIN + int(total * GPU_SLACK)
+    try:
+        return parse_size(margin, free=total)
+    except BadSize as exc:
+        raise BadSize(f"--gpu-margin: {exc} (or 0 to keep nothing free)") from None
+
+
+def check_gpu_fraction(fraction: object) -> float | None:
+    """`gpu_memory_fraction` as a float in (0, 1], or BadOption naming it and the fix."""
+    if fraction is None:
+        return None
+    number = fraction if isinstance(fraction, int | float) and not isinstance(fraction, bool) else 0
+    if not (math.isfinite(number) and 0 < number <= 1):
+        raise BadOption(
+            f"--gpu-memory-fraction {_shown(fraction)} is not a fraction of a GPU's free memory:"
+            " give a number above 0 and at most 1, such as 0.85 (85% of what is free on each"
+            " GPU)",
+            options=("gpu_memory_fraction",),
+        )
+    return float(number)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Bytes per device in placement order, and how each measured budget was derived."""
+
+    sizes: dict[Device, int]
+    notes: tuple[str, ...] = ()  # margins kept free, fractions, unified memory split
+    kept: Mapping[Device, int] = field(default_factory=dict)  # bytes the margin cost each GPU
+
+
 def resolve_budgets(
     max_memory: Mapping[DeviceLike, SizeLike] | None,
     *,
     inv: Inventory | None = None,
     gpus: int | Iterable[DeviceLike] | None = None,
+    gpu_margin: SizeLike | None = None,
+    gpu_memory_fraction: float | None = None,
 ) -> dict[Device, int]:
+    """Budgets in bytes per device, in placement order (GPUs, mps, cpu, disk): see
+    `measure_budgets`, which also says how each measured one was derived."""
+    return measure_budgets(
+        max_memory,
+        inv=inv,
+        gpus=gpus,
+        gpu_margin=gpu_margin,
+        gpu_memory_fraction=gpu_memory_fraction,
+    ).sizes
+
+
+def measure_budgets(
+    max_memory: Mapping[DeviceLike, SizeLike] | None,
+    *,
+    inv: Inventory | None = None,
+    gpus: int | Iterable[DeviceLike] | None = None,
+    gpu_margin: SizeLike | None = None,
+    gpu_memory_fraction: float | None = None,
+) -> Budgets:
     """Budgets in bytes per device, in placement order (GPUs, mps, cpu, disk).
 
     With `max_memory`, exactly the devices it names are used (devices this machine
@@ -386,21 +514,120 @@ def resolve_budgets(
     is free now; `gpus` then keeps only those of its GPUs (the first N, or the
     listed ids). Without it, every selected GPU, the CPU RAM and the disk get what
     is free now.
+
+    `gpu_memory_fraction` F: every GPU of this machine (those `gpus` selects) gets F of
+    what is free on it, beside the devices `max_memory` names; a GPU it names keeps
+    its own budget. A CUDA GPU whose budget is measured (free now, a percentage of it,
+    or F of it) keeps at least `gpu_margin` free (default 512 MiB + 5% of its memory,
+    see GPU_CONTEXT_MARGIN); a size in bytes (0=20GiB) is taken as it is.
     """
-    if max_memory is None:
+    fraction = check_gpu_fraction(gpu_memory_fraction)
+    if gpu_margin is not None:
+        gpu_margin_bytes(100, gpu_margin)  # a bad size fails with or without GPUs
+    given = {} if max_memory is None else _given(max_memory)
+    if max_memory is None or fraction is not None or any(map(_is_percent, given.values())):
         inv = inv or inventory()
-        devices = [*select_gpus(inv, gpus), CPU, DISK]
-        budgets = {d: inv.free.get(d, 0) for d in devices}
+    devices = _budgeted(given, inv, gpus, everything=max_memory is None, machine=fraction)
+    sizes: dict[Device, int] = {}
+    notes: list[str] = []
+    kept: dict[Device, int] = {}
+    for device in devices:
+        value = given.get(device)
+        if value is not None and not _is_percent(value):
+            sizes[device] = parse_size(value)  # the user said so
+            continue
+        assert inv is not None  # probed: a measured budget
+        sizes[device], note = _measured(device, value, inv, fraction, gpu_margin)
+        if note is not None:
+            notes.append(note[0])
+            kept.update({device: note[1]} if note[1] else {})
+    if inv is not None and any(d.kind == "mps" and d not in given for d in sizes):
+        notes.extend(inv.notes)
+    ordered = dict(sorted(sizes.items(), key=lambda item: item[0].sort_key))
+    return Budgets(sizes=ordered, notes=tuple(notes), kept=kept)
+
+
+def _measured(
+    device: Device,
+    value: SizeLike | None,
+    inv: Inventory,
+    fraction: float | None,
+    margin: SizeLike | None,
+) -> tuple[int, tuple[str, int] | None]:
+    """(budget, (note, bytes the margin took) for a CUDA GPU) from what is free on `device`:
+    a percentage `value` of it, `fraction` of it for a GPU, else all of it."""
+    free = inv.free.get(device)
+    if value is not None:
+        share, how = parse_size(value, free=free), f"{str(value).strip()} of it"
+    elif device.is_gpu and fraction is not None:
+        share, how = int((free or 0) * fraction), f"--gpu-memory-fraction {fraction:g}"
     else:
-        keys = parse_devices(max_memory.keys())
-        if any(isinstance(v, str) and v.strip().endswith("%") for v in max_memory.values()):
-            inv = inv or inventory()
-        budgets = {}
-        for device, value in zip(keys, max_memory.values(), strict=True):
-            free = inv.free.get(device) if inv is not None else None
-            budgets[device] = parse_size(value, free=free)
-        if gpus is not None:  # keep only the selected ones among the budgeted GPUs
-            budgeted = Inventory(free=budgets, total=budgets)
-            chosen = select_gpus(budgeted, gpus, where="--max-memory")
-            budgets = {d: b for d, b in budgets.items() if not d.is_gpu or d in chosen}
-    return dict(sorted(budgets.items(), key=lambda item: item[0].sort_key))
+        share, how = free or 0, ""
+    if device.kind != "cuda" or free is None:
+        return share, None
+    total = inv.total.get(device, free)
+    budget, note = _keep_margin(device, free, share, how, total, margin)
+    return budget, (note, share - budget)
+
+
+def _given(max_memory: Mapping[DeviceLike, SizeLike]) -> dict[Device, SizeLike]:
+    keys = parse_devices(max_memory.keys())
+    return dict(zip(keys, max_memory.values(), strict=True))
+
+
+def _is_percent(value: SizeLike) -> bool:
+    return isinstance(value, str) and value.strip().endswith("%")
+
+
+def _budgeted(
+    given: Mapping[Device, SizeLike],
+    inv: Inventory | None,
+    gpus: int | Iterable[DeviceLike] | None,
+    *,
+    everything: bool,
+    machine: float | None,
+) -> list[Device]:
+    """The devices that get a budget: all of this machine's (none given), the ones named
+    and, with a GPU fraction, this machine's GPUs too; `gpus` selects among the GPUs."""
+    if everything:
+        assert inv is not None
+        return [*select_gpus(inv, gpus), CPU, DISK]
+    if machine is not None:  # the machine's GPUs and the named ones: --gpus picks among them
+        assert inv is not None
+        candidates = {d: 0 for d in (*inv.gpus, *(d for d in given if d.is_gpu))}
+        named = any(d.is_gpu for d in given)
+        where = "this machine and --max-memory" if named else "this machine"
+        chosen = select_gpus(Inventory(free=candidates, total=candidates), gpus, where=where)
+        return [*chosen, *(d for d in given if not d.is_gpu)]
+    if gpus is None:
+        return list(given)
+    budgeted = {d: 0 for d in given}  # keep only the selected ones among the budgeted GPUs
+    chosen = select_gpus(Inventory(free=budgeted, total=budgeted), gpus, where="--max-memory")
+    return [d for d in given if not d.is_gpu or d in chosen]
+
+
+def _keep_margin(
+    device: Device, free: int, share: int, how: str, total: int, margin: SizeLike | None
+) -> tuple[int, str]:
+    """(budget, note): `share` of the `free` bytes, keeping at least the margin free."""
+    keep = gpu_margin_bytes(total, margin)
+    budget = max(0, min(share, free - keep))
+    head = f"{device}: {format_size(free)} free now"
+    if not keep:
+        what = f" ({how})" if how else ""
+        return budget, f"{head}, budget {format_size(budget)}{what}, no --gpu-margin kept free"
+    if not how:
+        return budget, (
+            f"{head}, {format_size(keep)} kept free for the CUDA context, kernels and allocator"
+            f" (--gpu-margin): budget {format_size(budget)}"
+        )
+    if budget == share:
+        return budget, (
+            f"{head}, budget {format_size(budget)} ({how}), leaving {format_size(free - budget)}"
+            f" free (at least the {format_size(keep)} --gpu-margin)"
+        )
+    return budget, (
+        f"{head}, budget {format_size(budget)}: {how} would be {format_size(share)}, but"
+        f" {format_size(keep)} is kept free for the CUDA context, kernels and allocator"
+        " (--gpu-margin)"
+    )

@@ -97,6 +97,25 @@ PageCacheOpt = Annotated[
         " (cgroup limits included) beyond what the plan puts on the cpu, less a tenth.",
     ),
 ]
+GpuMarginOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-margin",
+        help="Memory each CUDA GPU keeps free for the CUDA context, kernels and allocator"
+        " when its budget is measured (free now, a percentage, --gpu-memory-fraction):"
+        " 2GiB, or 10% of the GPU's memory; 0 keeps none. Default: 512 MiB + 5% of the"
+        " GPU's memory. Sizes such as --max-memory 0=20GiB are taken as they are.",
+    ),
+]
+GpuFractionOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--gpu-memory-fraction",
+        help="Share of each GPU's free memory to budget, above 0 and at most 1 (0.85);"
+        " --max-memory DEVICE=SIZE wins for that device. Default: all of it, less"
+        " --gpu-margin.",
+    ),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -127,6 +146,8 @@ class PlanChoices:
     images: ImagesOpt = None
     expert_cache: ExpertCacheOpt = 0
     page_cache: PageCacheOpt = None
+    gpu_memory_fraction: GpuFractionOpt = None
+    gpu_margin: GpuMarginOpt = None
     trust_remote_code: TrustOpt = False
 
     def make_plan(
@@ -149,6 +170,8 @@ class PlanChoices:
             images=images if self.images is None else self.images,
             expert_cache=self.expert_cache,
             page_cache=self.page_cache,
+            gpu_memory_fraction=self.gpu_memory_fraction,
+            gpu_margin=self.gpu_margin,
         )
 
 

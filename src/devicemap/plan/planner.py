@@ -24,8 +24,15 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from ..devices import CPU, DISK, Device, DeviceLike, SizeLike, format_size, parse_device
-from ..errors import BadOption, DevicemapError, PinError, PlanError, PlanMismatch
+from ..devices import CPU, DISK, MPS, Device, DeviceLike, SizeLike, format_size, parse_device
+from ..errors import (
+    BadOption,
+    DevicemapError,
+    DoesNotFit,
+    PinError,
+    PlanError,
+    PlanMismatch,
+)
 from ..model.config import dtype_name
 from ..model.skeleton import Block, Skeleton, build_skeleton
 from .options import Logits, OffloadExec, PlanOptions, Strategy
@@ -458,8 +465,17 @@ def plan(
     images: int | None = None,
     expert_cache: int = 0,
     page_cache: SizeLike | None = None,
+    gpu_memory_fraction: float | None = None,
+    gpu_margin: SizeLike | None = None,
 ) -> Plan:
     """Plan where every part of `model` goes (a path, config.json, hub id or Skeleton).
+
+    `gpu_memory_fraction`: the share (0 < F <= 1) of each GPU's free memory to budget, for
+    the GPUs `max_memory` does not name. `gpu_margin`: what a CUDA GPU whose budget is
+    measured (free now, a percentage, or the fraction) keeps free at least, for the CUDA
+    context, kernels and allocator that nothing else counts (a size, or a percentage of the
+    GPU's memory; 0: none); default 512 MiB + 5% of the GPU's memory. Sizes in bytes
+    (`{0: "20GiB"}`) are taken as they are.
 
     `images`: images per prompt the vision tower's workspace is planned for (default: 1 for
     a model with a vision tower that says its image size, else 0). `expert_cache`: slots per
@@ -467,24 +483,21 @@ def plan(
     `page_cache`: how much of the disk tier may stay in the page cache (the rest is streamed
     through it); default: what this machine's RAM (cgroup limits included) has free beyond
     what the plan puts on the cpu, less a tenth."""
-    from ..devices import cpu_memory, parse_size, resolve_budgets  # this machine, only here
+    from ..devices import cpu_memory, measure_budgets, parse_size  # this machine, only here
 
     skeleton = _skeleton_of(model, dtype, no_split, trust_remote_code)
-    budgets = resolve_budgets(max_memory, gpus=gpus)
+    measured = measure_budgets(
+        max_memory, gpus=gpus, gpu_margin=gpu_margin, gpu_memory_fraction=gpu_memory_fraction
+    )
+    budgets = measured.sizes
     cache: int | None = None
     free_ram: int | None = None
     if page_cache is not None:
         cache = parse_size(page_cache)
     elif DISK in budgets:
-        free = free_ram = cpu_memory()[0]
-        if max_memory is not None and budgets.get(CPU, 0) > free:
-            warnings.warn(
-                f"the cpu budget ({format_size(budgets[CPU])}) is more than this process may"
-                f" use now ({format_size(free)} free, cgroup limits included): loading may"
-                " swap or be killed; give --max-memory cpu= at most that",
-                MemoryWarning,
-                stacklevel=2,
-            )
+        free_ram = cpu_memory()[0]
+        if max_memory is not None:
+            _warn_past_ram(budgets, free_ram)
     options = PlanOptions(
         context=default_context(skeleton) if context is None else context,
         batch=batch,
@@ -496,11 +509,45 @@ def plan(
         expert_cache=expert_cache,
         page_cache=cache,
     )
-    return make_plan(skeleton, budgets, options, free_ram=free_ram)
+    try:
+        return make_plan(skeleton, budgets, options, free_ram=free_ram, notes=measured.notes)
+    except DoesNotFit as exc:
+        if not measured.kept:
+            raise
+        kept = ", ".join(f"{d} {format_size(n)}" for d, n in measured.kept.items())
+        raise DoesNotFit(
+            f"{exc}. (The budgets keep {kept} free for the CUDA context, kernels and"
+            " allocator: --gpu-margin, 0 to keep none)",
+            shortfall=exc.shortfall,
+            suggestions=exc.suggestions,
+        ) from None
 
 
 class MemoryWarning(UserWarning):
     """A budget larger than the memory this process may really use."""
+
+
+def _warn_past_ram(budgets: Mapping[Device, int], free: int) -> None:
+    """MemoryWarning when the budgets held in this machine's RAM exceed what is free: the
+    cpu budget, and on Apple silicon the mps one too (one unified memory for both)."""
+    from ..devices import present  # this machine, only here
+
+    held = [d for d in (MPS, CPU) if d in budgets and (d == CPU or present(d))]
+    total = sum(budgets[d] for d in held)
+    if total <= free:
+        return
+    if len(held) == 1:
+        what, fix = f"the {held[0]} budget ({format_size(total)}) is", f"--max-memory {held[0]}="
+        fix += " at most that"
+    else:
+        what = f"the {' and '.join(map(str, held))} budgets, one RAM, total {format_size(total)},"
+        fix = "--max-memory mps= and cpu= that add up to at most that"
+    warnings.warn(
+        f"{what} more than this process may use now ({format_size(free)} free, cgroup limits"
+        f" included): loading may swap or be killed; give {fix}",
+        MemoryWarning,
+        stacklevel=3,
+    )
 
 
 def default_images(skeleton: Skeleton) -> int:
@@ -600,19 +647,23 @@ def make_plan(
     options: PlanOptions,
     *,
     free_ram: int | None = None,
+    notes: Sequence[str] = (),
 ) -> Plan:
     """Place every block; pure: same input -> same plan, linear in the number of blocks.
 
     `free_ram`: the RAM free on this machine (bytes), which sets the page cache when
     `options.page_cache` is None: what the plan's cpu tier leaves of it, less a tenth (the
-    cpu budget is a cap, often far above what the plan puts there)."""
+    cpu budget is a cap, often far above what the plan puts there). `notes`: how the
+    budgets were measured (margins kept free, fractions), the explanation's first lines."""
     _check_options(skeleton, budgets, options)
     budgets = dict(sorted(budgets.items(), key=lambda item: item[0].sort_key))
+    options, unified = _unified_offload(budgets, options)
     pool = expert_pool(skeleton, budgets, options)
     placed = place(skeleton, {d: b - pool.get(d, 0) for d, b in budgets.items()}, options)
     if pool and placed.fill.ok and not _experts_off_gpu(placed.layout, placed.stored):
         pool = {}  # every expert fits on the GPUs: no pool needed, and its room is free
         placed = place(skeleton, budgets, options)
+    _check_mps_host(placed)
     if not placed.fill.ok:
         raise does_not_fit(placed)
     lay, stored = placed.layout, placed.stored
@@ -645,8 +696,59 @@ def make_plan(
         devices=devices,
         max_context=_max_context(lay, tallies),
         order=skeleton.order,
-        reasons=(*_reasons(placed, devices, tallies), *_disk_lines(on_disk, streamed, options)),
+        reasons=(
+            *notes,
+            *_reasons(placed, devices, tallies),
+            *(unified if any(not d.is_gpu for d in stored) else ()),
+            *_disk_lines(on_disk, streamed, options),
+        ),
         streamed=streamed,
+    )
+
+
+def _unified_offload(
+    budgets: Mapping[Device, int], options: PlanOptions
+) -> tuple[PlanOptions, tuple[str, ...]]:
+    """With mps the only GPU, cpu/disk-stored blocks execute on the CPU (offload_exec='cpu'),
+    and the line that says why. mps and the CPU share one RAM: streaming a block to mps would
+    copy it from RAM into RAM before every forward (a read and a write of its bytes, for no
+    faster memory), which dispatch does not do (it streams to CUDA GPUs only); the CPU reads
+    the block where it is, once. Not measured on a Mac: copies per forward to mps may win
+    where the GPU's compute outweighs them (a long prefill), which would need measuring."""
+    gpus = [d for d in budgets if d.is_gpu]
+    if not gpus or any(d.kind != "mps" for d in gpus) or CPU not in budgets:
+        return options, ()
+    line = (
+        "blocks stored on cpu or disk execute on cpu, not mps: mps shares the CPU's RAM, so"
+        " copying them to it each forward would only add copies (devicemap streams weights"
+        " to CUDA GPUs only)"
+    )
+    if options.offload_exec == "gpu":
+        line += "; --offload-exec gpu applies to CUDA GPUs"
+    return dataclasses.replace(options, offload_exec="cpu"), (line,)
+
+
+def _check_mps_host(placed: Placement) -> None:
+    """PlanError when mps would run blocks stored on disk (a plan with mps and disk but no
+    cpu budget): dispatch cannot stream weights to mps, and on the CPU, where they would run,
+    their KV cache and workspace need a budget. Checked before "does not fit", whose advice
+    (reserves counted on mps) would not apply."""
+    lay = placed.layout
+    if lay.host.kind != "mps" or DISK not in lay.budgets:
+        return
+    blocks = lay.skeleton.blocks
+    off = [b.name for b, d in zip(blocks, placed.stored, strict=True) if d == DISK]
+    if placed.fill.ok and not off:
+        return  # everything fits on mps: the disk budget goes unused
+    what = (
+        f"{list_names(off)} would be stored on disk"
+        if placed.fill.ok
+        else f"{lay.skeleton.source.name} does not fit on mps alone"
+    )
+    raise PlanError(
+        f"{what}, but blocks stored off mps run on the CPU (devicemap does not stream weights"
+        " to mps, which shares the CPU's RAM), and the CPU has no budget for their KV cache and"
+        " workspace: add --max-memory cpu=SIZE"
     )
 
 
@@ -704,7 +806,7 @@ def expert_pool(
     if not options.expert_cache or not slot:
         return {}
     size = options.expert_cache * _slot_bytes(slot)
-    pool = {d: size for d in budgets if d.is_gpu}
+    pool = {d: size for d in budgets if d.kind == "cuda"}  # the cache copies in on CUDA only
     for device, nbytes in pool.items():
         if nbytes > budgets[device]:
             fit = budgets[device] // _slot_bytes(slot)

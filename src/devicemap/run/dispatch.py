@@ -177,8 +177,10 @@ def attach(
 
 
 def _expert_caches(modules: Mapping[str, torch.nn.Module], layout: Layout) -> None:
-    """A pool of expert slots on each GPU that runs MoE layers whose routed experts are
-    stored off the GPUs (the GPU that runs the block just before them: their router)."""
+    """A pool of expert slots on each CUDA GPU that runs MoE layers whose routed experts are
+    stored off the GPUs (the GPU that runs the block just before them: their router); the
+    pool copies through pinned memory on a CUDA stream, so mps has none (the planner
+    budgets none there either)."""
     if not layout.expert_cache:
         return
     by_gpu: dict[Device, list[tuple[str, torch.nn.Module]]] = {}
@@ -186,7 +188,7 @@ def _expert_caches(modules: Mapping[str, torch.nn.Module], layout: Layout) -> No
         module = modules[name]
         if is_experts(module) and not layout.storage[name].is_gpu and i > 0:
             runs_on = layout.execution[layout.order[i - 1]]
-            if runs_on.is_gpu:
+            if runs_on.kind == "cuda":
                 by_gpu.setdefault(runs_on, []).append((name, module))
     for device, members in by_gpu.items():
         expert_cache.install(members, device.torch(), layout.expert_cache)
@@ -281,6 +283,14 @@ def _offloads(
             streamed.setdefault(runs, []).append(weights)
         elif runs.kind == "cpu" and stored.kind == "disk":
             paged.append(weights)
+        elif runs.kind == "mps":
+            raise PlanError(
+                f"block {name!r} is stored on {stored} but executes on mps: devicemap does not"
+                " stream weights to mps, which shares the CPU's RAM (a copy into the same"
+                " memory before every forward); blocks stored on cpu or disk run on the CPU"
+                " beside mps. Make the plan again with devicemap.plan (it does so), or"
+                " offload_exec='cpu'"
+            )
         else:
             raise PlanError(
                 f"block {name!r} is stored on {stored} but executes on {runs}; devicemap runs"
