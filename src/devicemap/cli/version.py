@@ -36,7 +36,7 @@ VersionOpt = Annotated[
 
 def with_version(command: Callable[..., None]) -> Callable[..., None]:
     """`command` with --version too (eager: it prints and exits before anything runs)."""
-    signature = inspect.signature(command)
+    signature = inspect.signature(command, eval_str=True)  # names from the command's module
     option = inspect.Parameter(
         "version", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VersionOpt
     )
@@ -48,5 +48,6 @@ def with_version(command: Callable[..., None]) -> Callable[..., None]:
     call.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[*signature.parameters.values(), option]
     )
-    call.__annotations__ = {**getattr(command, "__annotations__", {}), "version": VersionOpt}
+    call.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    call.__annotations__["version"] = VersionOpt
     return call

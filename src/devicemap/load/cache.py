@@ -49,6 +49,7 @@ from ..devices import format_size
 from ..errors import OffloadError
 from ..model import checkpoint
 from ..model.checkpoint import TensorInfo
+from ..model.gguf import cache_root
 from ..run.pages import file_identity
 
 Shape = tuple[int, ...]
@@ -60,11 +61,6 @@ _verified: set[tuple[str, int, int, int]] = set()  # (path, dev, inode, size) ch
 
 # one source file as the fingerprint sees it: path, size, mtime, inode, ctime (ns)
 Source = tuple[str, int, int, int, int]
-
-
-def cache_root() -> Path:
-    """devicemap's cache: `$DEVICEMAP_CACHE`, else `~/.cache/devicemap` (set but empty: unset)."""
-    return Path(os.environ.get("DEVICEMAP_CACHE") or "~/.cache/devicemap").expanduser()
 
 
 def default_dir() -> Path:

@@ -1,7 +1,8 @@
 """Checkpoint index: tensor name -> (file, dtype, shape, offset), from file headers only.
 
-Opens a model directory, a single weights file, a bare config.json, or a hub id
-already in the local Hugging Face cache (offline). No tensor data is read here.
+Opens a model directory, a single weights file, a bare config.json, a hub id already in
+the local Hugging Face cache (offline, at any cached revision), or a GGUF file (converted
+once into the devicemap cache, see gguf.py). No tensor data is read here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import CorruptCheckpoint, DeviceOutOfMemory, MissingShard, ModelNotFound
+from ..errors import (
+    BadOption,
+    CorruptCheckpoint,
+    DeviceOutOfMemory,
+    MissingShard,
+    ModelNotFound,
+)
+from . import gguf as gguf_files
 
 Format = Literal["safetensors", "bin"]
 
@@ -118,25 +126,53 @@ def _json_kind(value: object) -> str:
 # --- resolving a model argument ---------------------------------------------
 
 
-def resolve_model(model: str | os.PathLike[str]) -> ModelSource:
-    """Find config and weights for a directory, weights file, config.json or cached hub id."""
+def resolve_model(model: str | os.PathLike[str], *, revision: str | None = None) -> ModelSource:
+    """Find config and weights for a directory, weights file, config.json, GGUF file or hub id.
+
+    A hub id is looked up in the local Hugging Face cache only (`revision`: a branch, tag
+    or commit hash cached there; default the cached main). A GGUF file, or a directory
+    holding one and no config.json, resolves to its converted model directory (converted on
+    first use, cached; `name` stays what was typed).
+    """
     name = os.fspath(model)
     if not name.strip():  # Path("") is the current directory: never what was meant
         raise ModelNotFound(
             "the model name is empty. Give a model directory, a weights file or a config.json."
         )
+    if revision is not None:
+        _check_revision(name, revision)
     path = Path(name).expanduser()
     if path.exists():
+        if revision is not None:
+            raise BadOption(
+                f"revision {revision!r} was given for {name}, a local path; a revision picks a"
+                " cached commit of a hub model (such as org/name). Drop the revision, or give"
+                " the hub id.",
+                options=("revision",),
+            )
         return _resolve_path(name, path)
-    if _HUB_ID.match(name) and not name.endswith((".json", ".safetensors", ".bin")):
-        return _resolve_hub(name)
+    if _HUB_ID.match(name) and not name.endswith((".json", ".safetensors", ".bin", ".gguf")):
+        return _resolve_hub(name, revision)
     raise ModelNotFound(
         f"{name}: no such file or directory. Give a model directory, a weights file"
         " or a config.json."
     )
 
 
+def _check_revision(name: str, revision: str) -> None:
+    """BadOption for a revision that names no ref or commit (empty, or a path outside refs/)."""
+    parts = revision.split("/")
+    if not revision.strip() or "\0" in revision or revision.startswith("/") or ".." in parts:
+        raise BadOption(
+            f"revision {revision!r} for {name}: give a branch, a tag or a commit hash, such as"
+            " main, v1.0 or a 40-character commit id.",
+            options=("revision",),
+        )
+
+
 def _resolve_path(name: str, path: Path) -> ModelSource:
+    if (gguf := _gguf_of(name, path)) is not None:
+        return _resolve_gguf(name, gguf)
     root = path if path.is_dir() else path.parent
     config = root / "config.json"
     if not config.is_file():
@@ -154,6 +190,33 @@ def _resolve_path(name: str, path: Path) -> ModelSource:
     else:  # config.json itself, or some other file next to it: planning only
         files, fmt = (), None
     return ModelSource(name=name, config_path=config, root=root, weight_files=files, format=fmt)
+
+
+def _gguf_of(name: str, path: Path) -> Path | None:
+    """The GGUF file `path` means: itself, or the one GGUF file of a directory that has no
+    config.json and no safetensors or .bin weights; None when it means something else."""
+    if not path.is_dir():
+        return path if gguf_files.is_gguf(path) else None
+    if (path / "config.json").is_file() or any(_weight_files(path)):
+        return None
+    found = gguf_files.gguf_files(path)
+    if len(found) > 1:
+        listed = _listing([f.name for f in found])
+        raise ModelNotFound(
+            f"{name}: {len(found)} GGUF files in {path} and no config.json; give the one to"
+            f" use, such as {path / found[0].name}:\n{listed}"
+        )
+    return found[0] if found else None
+
+
+def _weight_files(directory: Path) -> Iterator[Path]:
+    for suffix in _SUFFIX_FORMATS:
+        yield from directory.glob(f"*{suffix}")
+
+
+def _resolve_gguf(name: str, gguf: Path) -> ModelSource:
+    """The converted directory of a GGUF file, under the name the user typed."""
+    return _resolve_path(name, gguf_files.converted_dir(gguf))
 
 
 def _weights_in(directory: Path) -> tuple[tuple[Path, ...], Format | None]:
@@ -232,24 +295,76 @@ def _shard_name_problem(name: object) -> str | None:
     return None
 
 
-def _resolve_hub(name: str) -> ModelSource:
+def _resolve_hub(name: str, revision: str | None) -> ModelSource:
     """A hub id already in the local Hugging Face cache; never touches the network."""
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+    )
 
     cache = _hub_cache_dir()
     try:
-        found = try_to_load_from_cache(name, "config.json", cache_dir=cache)
-    except HFValidationError:
-        found = None
-    if not isinstance(found, str):
+        folder = snapshot_download(name, revision=revision, cache_dir=cache, local_files_only=True)
+    except IncompleteSnapshotError as error:
         raise ModelNotFound(
+            f"hub model {name!r}{_at(revision)} is only partly in the Hugging Face cache"
+            f" ({cache}): {_first_line(error)} There is no network here: finish the download on"
+            f" a connected machine with `{_download(name, revision)}` and copy the cache here."
+        ) from None
+    except (LocalEntryNotFoundError, HFValidationError):
+        raise _not_cached(name, revision, cache) from None
+    return _resolve_path(name, Path(folder))
+
+
+def _not_cached(name: str, revision: str | None, cache: Path) -> ModelNotFound:
+    download = _download(name, revision)
+    if revision is None:
+        return ModelNotFound(
             f"{name!r} is not a local path, and hub model {name!r} is not in the Hugging Face cache"
             f" ({cache}). There is no network here, so nothing can be downloaded. Point devicemap"
-            " at a local copy instead: a model directory path, or run"
-            f" `huggingface-cli download {name}` on a connected machine and copy the folder here."
+            f" at a local copy instead: a model directory path, or run `{download}` on a"
+            " connected machine and copy the folder here."
         )
-    return _resolve_path(name, Path(found).parent)
+    cached = _cached_revisions(name, cache)
+    held = f"; the cache holds {', '.join(cached)}" if cached else ""
+    return ModelNotFound(
+        f"hub model {name!r} at revision {revision!r} is not in the Hugging Face cache"
+        f" ({cache}){held}. There is no network here, so nothing can be downloaded: run"
+        f" `{download}` on a connected machine and copy the cache here, or point devicemap at"
+        " a local copy of that revision."
+    )
+
+
+def _at(revision: str | None) -> str:
+    return "" if revision is None else f" at revision {revision!r}"
+
+
+def _download(name: str, revision: str | None) -> str:
+    """The command that puts this model (at this revision) into the cache."""
+    return f"hf download {name}" + ("" if revision is None else f" --revision {revision}")
+
+
+def _cached_revisions(name: str, cache: Path) -> list[str]:
+    """The revisions of `name` in the cache, as "main (0123456789ab)"; [] when unreadable."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        repos = scan_cache_dir(cache).repos
+    except Exception:  # no cache, a corrupt one: the listing is only a hint
+        return []
+    found = []
+    for repo in repos:
+        if repo.repo_id == name and repo.repo_type == "model":
+            for rev in sorted(repo.revisions, key=lambda r: (sorted(r.refs), r.commit_hash)):
+                refs = ", ".join(sorted(rev.refs))
+                found.append(f"{refs} ({rev.commit_hash[:12]})" if refs else rev.commit_hash)
+    return found
+
+
+def _first_line(error: BaseException) -> str:
+    return next(iter(str(error).strip().splitlines()), "")
 
 
 def _hub_cache_dir() -> Path:
