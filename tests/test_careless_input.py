@@ -227,6 +227,30 @@ def test_run_with_a_directory_as_the_plan(llama: Path, tmp_path: Path) -> None:
     assert str(tmp_path) in error["message"]
 
 
+WITH_JSON = [["plan"], ["run", "-p", "hi", "-n", "2"], ["bench", "--runs", "1"]]  # --json
+
+
+@pytest.mark.parametrize("command", WITH_JSON, ids=lambda c: c[0])
+def test_every_command_with_json_reports_errors_as_one_object(
+    command: list[str], llama: Path, tmp_path: Path
+) -> None:
+    """A model that is not there and a bad option value: exit 1, the `error:` line on stderr
+    and {"error": {"type", "message"}} on stdout. A value that is not one of an option's
+    choices is a usage error (exit 2), refused before the command runs: nothing on stdout."""
+    missing = invoke(*command, tmp_path / "nope", "--json")
+    assert missing.exit_code == 1
+    error = error_json(missing.stdout)
+    assert error["type"] == "ModelNotFound" and str(tmp_path / "nope") in error["message"]
+    assert f"error: {error['message']}\n" in missing.stderr
+    bad = invoke(*command, llama, "--max-memory", "cpu=4OGiB", "--json")
+    assert bad.exit_code == 1
+    error = error_json(bad.stdout)
+    assert error["type"] == "BadSize" and "unknown unit 'OGiB'" in error["message"]
+    usage = invoke(*command, llama, "--strategy", "fast", "--json")
+    assert usage.exit_code == 2 and usage.stdout == ""
+    assert "'fast' is not one of" in " ".join(usage.stderr.replace("│", " ").split())
+
+
 def test_save_into_a_missing_directory_or_onto_a_directory(llama: Path, tmp_path: Path) -> None:
     missing = tmp_path / "missing" / "plan.json"
     result = invoke("plan", llama, "--max-memory", "cpu=1GB", "--save", missing)

@@ -11,15 +11,18 @@ import os
 import re
 import reprlib
 import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import psutil
-import torch
 
 from .errors import BadOption, BadSize, DuplicateDevice, UnknownDevice
+
+if TYPE_CHECKING:  # torch is imported where a device is probed or a torch.device made:
+    import torch  # parsing devices and sizes (the CLI's start) never needs it
 
 Kind = Literal["cuda", "mps", "cpu", "disk"]
 _KIND_RANK = {"cuda": 0, "mps": 1, "cpu": 2, "disk": 3}
@@ -56,12 +59,15 @@ class Device:
 
     def torch(self) -> torch.device:
         """The torch device that tensors on this device live on (disk data is read to cpu)."""
+        import torch
+
         if self.kind == "disk":
             return torch.device("cpu")
         return torch.device(str(self))
 
 
-DeviceLike = int | str | torch.device | Device
+# a string, so that naming the alias does not import torch (annotations are never evaluated)
+DeviceLike: TypeAlias = "int | str | torch.device | Device"
 
 CPU = Device("cpu")
 DISK = Device("disk")
@@ -80,7 +86,8 @@ def parse_device(value: DeviceLike) -> Device:
         if value < 0:
             raise UnknownDevice(f"device {value} is negative; GPU indices start at 0")
         return Device("cuda", value)
-    if isinstance(value, torch.device):
+    torch = sys.modules.get("torch")  # without torch imported, nothing is a torch.device
+    if torch is not None and isinstance(value, torch.device):
         value = str(value)
     if not isinstance(value, str):
         raise UnknownDevice(
@@ -213,6 +220,8 @@ def inventory(*, offload_dir: str | os.PathLike[str] | None = None) -> Inventory
     and the CPU share one RAM, counted once: mps gets the share Metal lets the GPU use
     (`mps_share`), as far as it is free, and cpu the rest of what is free.
     """
+    import torch
+
     free: dict[Device, int] = {}
     total: dict[Device, int] = {}
     notes: tuple[str, ...] = ()
@@ -252,6 +261,8 @@ def mps_share(ram_total: int) -> tuple[int, str]:
     GPU wired-memory limit (sysctl iogpu.wired_limit_mb=0): about 2/3 of the RAM on a
     Mac with up to 36 GiB, 3/4 above (64 GiB: 48 GiB; 128 GiB: 96 GiB).
     """
+    import torch
+
     recommended = getattr(getattr(torch, "mps", None), "recommended_max_memory", None)
     if recommended is not None:
         try:
@@ -267,6 +278,8 @@ def mps_share(ram_total: int) -> tuple[int, str]:
 
 def _mps_allocated() -> int:
     """Bytes Metal holds for this process already (they count against the GPU's share)."""
+    import torch
+
     allocated = getattr(getattr(torch, "mps", None), "driver_allocated_memory", None)
     try:
         return max(0, int(allocated())) if allocated is not None else 0
@@ -382,6 +395,10 @@ def _count(text: str) -> int | None:
 
 def present(device: Device) -> bool:
     """Whether this machine has `device` (cpu and disk: always)."""
+    if device.kind not in ("cuda", "mps"):
+        return True
+    import torch
+
     if device.kind == "cuda":
         return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
     if device.kind == "mps":

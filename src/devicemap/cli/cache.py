@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -17,8 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ..devices import format_size
-from ..load.cache import Entry, age, default_dir, entries, sweep
 from .version import VersionOpt, with_version
+
+if TYPE_CHECKING:  # load/cache.py imports torch: each command imports it when it runs
+    from ..load.cache import Entry
 
 app = typer.Typer(
     help="List and clean the offload cache (converted tensors of disk tiers).",
@@ -45,6 +47,8 @@ DirOpt = Annotated[
 
 def offload_dir(directory: Path | None) -> Path:
     """The directory these commands work on."""
+    from ..load.cache import default_dir
+
     return default_dir() if directory is None else directory.expanduser()
 
 
@@ -60,6 +64,8 @@ def _existing(where: Path) -> Path:
 @with_version
 def ls_command(directory: DirOpt = None) -> None:
     """What is cached: each file, the model it is for, its size, its last use and status."""
+    from ..load.cache import age, entries
+
     where = _existing(offload_dir(directory))
     found = entries(where)
     if not found:
@@ -99,6 +105,8 @@ def rm_command(
     directory: DirOpt = None,
 ) -> None:
     """Delete cache files by name, by the model they are for, or all of them."""
+    from ..load.cache import entries
+
     where = _existing(offload_dir(directory))
     caches = [e for e in entries(where) if e.status in ("ok", "stale", "partial")]
     if every:
@@ -132,6 +140,8 @@ def _names(entry: Entry, name: str) -> bool:
 @with_version
 def prune_command(directory: DirOpt = None) -> None:
     """Delete caches whose source files changed or are gone, and dead writers' temp files."""
+    from ..load.cache import entries, sweep
+
     where = _existing(offload_dir(directory))
     sizes = {e.path: e.size for e in entries(where)}
     gone = sweep(where)

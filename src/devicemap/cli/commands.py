@@ -3,6 +3,9 @@ main.py registers them on the app.
 
 Progress, notes and summaries go to stderr; replies (or one JSON object) to stdout, so
 `devicemap run ... > answer.txt` and `... --json | jq` see only the answer.
+
+torch, transformers and the stages that use them are imported inside the functions that
+need them, when a command runs: importing this module (for `devicemap --help`) stays light.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich import box
 from rich.console import Console
@@ -27,24 +29,6 @@ from rich.table import Table
 
 from ..devices import parse_device
 from ..errors import BadImage, BadOption, ContextTooLong, DevicemapError, ModelNotFound
-from ..load.loader import load
-from ..model.checkpoint import ModelSource, resolve_model
-from ..model.config import refuse_untrusted_code
-from ..model.skeleton import Skeleton, build_skeleton
-from ..plan.planner import Plan
-from ..run.dispatch import release
-from ..run.generate import (
-    Chat,
-    Reply,
-    ReplyStream,
-    Sampling,
-    build_image_prompt,
-    build_prompt,
-    check_context,
-    replace_undecodable,
-)
-from ..run.generate import stream_reply as start_reply
-from .measure import MEASURES, BenchOptions, BenchResult, bench
 from .options import (
     REPLANNING,
     ModelArg,
@@ -54,6 +38,15 @@ from .options import (
     reporting_errors,
 )
 from .tables import short_size
+
+if TYPE_CHECKING:  # annotations only; what runs is imported where it runs
+    import torch
+
+    from ..model.checkpoint import ModelSource
+    from ..model.skeleton import Skeleton
+    from ..plan.planner import Plan
+    from ..run.generate import Chat, Reply, ReplyStream, Sampling
+    from .measure import BenchResult
 
 # --- shared options ----------------------------------------------------------------
 
@@ -132,6 +125,8 @@ class SamplingChoices:
 
     def sampling(self) -> Sampling:
         """The Sampling, validated all at once (BadOption names each bad option)."""
+        from ..run.generate import Sampling
+
         return Sampling(**asdict(self))
 
 
@@ -158,6 +153,8 @@ class Session:
 
     def load(self) -> Any:
         """The model, loaded as the plan says (a progress bar on a terminal)."""
+        from ..load.loader import load
+
         start = time.perf_counter()
         self.model = load(self.skeleton, self.plan, progress=stderr.is_terminal)
         self.load_s = time.perf_counter() - start
@@ -166,6 +163,8 @@ class Session:
 
     def close(self) -> None:
         if self.model is not None:
+            from ..run.dispatch import release
+
             release(self.model)
             self.model = None
 
@@ -176,6 +175,10 @@ def open_model(
     """MODEL resolved on this machine (ModelNotFound if it is not here) and its tokenizer;
     RemoteCodeNotTrusted first if it needs its own code and --trust-remote-code is not given.
     Without MODEL, a saved --plan names the model (else the demo model)."""
+    from ..model.checkpoint import resolve_model
+    from ..model.config import refuse_untrusted_code
+    from ..plan.planner import Plan
+
     if model is None and plan_file is not None:
         model = Plan.load(plan_file).model
     source = resolve_model(model_argument(model))
@@ -222,6 +225,8 @@ def plan_for(
     images: int | None = None,
 ) -> tuple[Skeleton, Plan]:
     """The skeleton and the plan: the saved --plan (checked against the model) or a new one."""
+    from ..model.skeleton import build_skeleton
+
     if ctx.params.get("plan_file") is not None:
         return saved_plan(ctx, source, ctx.params["plan_file"], planning.trust_remote_code)
     trust = planning.trust_remote_code
@@ -236,6 +241,9 @@ def saved_plan(
     ctx: typer.Context, source: ModelSource, path: str, trust_remote_code: bool
 ) -> tuple[Skeleton, Plan]:
     """The plan in `path`, refused when planning options are also given or its model differs."""
+    from ..model.skeleton import build_skeleton
+    from ..plan.planner import Plan
+
     given = [name for name in REPLANNING if _typed(ctx, name)]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -351,6 +359,8 @@ def read_undecodable_stdin() -> None:
 def valid_text(text: str, what: str) -> str:
     """`text` with bytes that were not UTF-8 replaced by U+FFFD, and one warning line saying
     so on stderr."""
+    from ..run.generate import replace_undecodable
+
     text, replaced = replace_undecodable(text)
     if replaced:
         stderr.print(
@@ -408,7 +418,9 @@ def run_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Answer one prompt, streaming the reply as it is generated (greedy by default)."""
-    with command_errors(as_json=as_json):
+    with command_errors(as_json=as_json):  # Ctrl-C in the imports too: [interrupted], 130
+        from ..run.generate import build_image_prompt, build_prompt, check_context
+
         sampling = sampling_choices.sampling()
         if prompt == "-":
             read_undecodable_stdin()
@@ -452,6 +464,8 @@ def reply_to(
     inputs: dict[str, Any] | None = None,
 ) -> Reply:
     """Generate a reply; with `show`, write each piece to stdout as it arrives."""
+    from ..run.generate import stream_reply as start_reply
+
     with start_reply(s.model, s.tokenizer, ids, sampling, inputs=inputs) as stream:
         if not show:
             return stream.reply
@@ -524,6 +538,8 @@ def chat_command(
     Ctrl-C stops the reply being written, not the session. Standard input may be a pipe.
     """
     with command_errors():
+        from ..run.generate import Chat
+
         sampling = sampling_choices.sampling()
         with session(ctx, planning, *open_model(model, planning, plan_file=plan_file)) as s:
             s.load()
@@ -664,6 +680,9 @@ def bench_command(
     KV cache and workspace are the ones the benchmark uses.
     """
     with command_errors(as_json=as_json):
+        from ..run.generate import check_context
+        from .measure import BenchOptions, bench
+
         options = BenchOptions(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
         opened = open_model(model, planning, plan_file=plan_file)
         with session(ctx, planning, *opened, context=options.context) as s:
@@ -680,6 +699,8 @@ def bench_command(
 
 def render_bench(result: BenchResult, console: Console) -> None:
     """The speeds, then per device the plan's bytes next to the measured peak."""
+    from .measure import MEASURES
+
     o = result.options
     console.print(
         f"[bold]{result.model}[/bold]: load {result.load_s:.2f} s; prefill"

@@ -2,7 +2,11 @@
 and `bench` (commands.py) and `cache` (cache.py) registered on it.
 
 Every devicemap error becomes one line on stderr and exit status 1, never a traceback
-(and, with --json, one {"error": ...} object on stdout).
+(and, with --json, one {"error": ...} object on stdout); Ctrl-C, status 130. A value not
+among an option's choices is a usage error: status 2.
+
+Importing this module loads no torch or transformers: each command imports what it needs
+when it runs, so `devicemap --help` is quick (tests/test_startup.py, bench/startup.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import typer
 from rich.console import Console
 
 from . import cache, commands, serve
-from .options import ModelArg, PlanChoices, model_argument, options_from, reporting_errors
+from .commands import command_errors
+from .options import ModelArg, PlanChoices, model_argument, options_from
 from .tables import render_plan
 from .version import VersionOpt, with_version
 
@@ -55,7 +60,7 @@ def plan_command(
     ] = False,
 ) -> None:
     """Plan where every part of MODEL goes, counting KV cache, workspace and logits."""
-    with reporting_errors(as_json=as_json):
+    with command_errors(as_json=as_json):  # Ctrl-C: torch may still be importing
         result = planning.make_plan(model_argument(model))
         if save is not None:
             result.save(save)

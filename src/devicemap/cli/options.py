@@ -3,7 +3,11 @@ options as one dataclass (`PlanChoices`), `options_from` to put a dataclass's fi
 command's signature, parsers for DEVICE=SIZE style items, and the error reporting.
 
 Every devicemap error becomes one line on stderr and exit status 1, never a traceback;
-with --json, also one {"error": {"type", "message"}} object on stdout.
+with --json, also one {"error": {"type", "message"}} object on stdout. A value that is not
+one of an option's choices (--strategy, --dtype, ...) is a usage error: exit status 2.
+
+Nothing here imports torch or transformers (the planner is imported when a plan is made):
+`devicemap --help` starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, cast, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, get_args, get_type_hints
 
 import typer
 
-from ..devices import DeviceLike
 from ..errors import BadSize, DevicemapError, DuplicateDevice, PinError
-from ..model.skeleton import Skeleton
-from ..plan.options import Logits, OffloadExec, Strategy
-from ..plan.planner import Plan, plan
+from ..plan.options import Dtype, Logits, OffloadExec, Strategy
+
+if TYPE_CHECKING:  # annotations only: the planner (torch, transformers) loads when used
+    from ..devices import DeviceLike
+    from ..model.skeleton import Skeleton
+    from ..plan.planner import Plan
 
 ModelArg = Annotated[
     str | None,
@@ -50,24 +56,54 @@ ContextOpt = Annotated[
     typer.Option("--context", "-c", help="Tokens per sequence (prompt + reply). Default 4096."),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Sequences generated together.")]
+# other spellings model/config.py takes for the --dtype choices (any case, "torch." prefix)
+DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+
+def dtype_choice(value: str) -> str:
+    """--dtype's value as one of its choices: "BF16" -> "bfloat16"; a usage error (exit 2)
+    naming the choices for anything else."""
+    name = value.strip().lower().removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in get_args(Dtype):
+        choices = ", ".join(repr(c) for c in get_args(Dtype))
+        raise typer.BadParameter(f"{value!r} is not one of {choices}.")
+    return name
+
+
 DtypeOpt = Annotated[
-    str | None,
-    typer.Option("--dtype", help="Weights dtype: bfloat16, float16, float32. Default: config's."),
+    Dtype,  # the Literal makes --help list the choices; dtype_choice also takes the aliases
+    typer.Option(
+        "--dtype",
+        parser=dtype_choice,
+        help="Weights dtype; auto: the checkpoint's (config.json's dtype). bf16, fp16, fp32"
+        " are taken too.",
+    ),
 ]
 StrategyOpt = Annotated[
-    str,
-    typer.Option("--strategy", help="sequential, balanced or balanced_low_0 (GPU 0 kept light)."),
+    Strategy,
+    typer.Option(
+        "--strategy",
+        help="How blocks spread over the GPUs: sequential fills each in turn, balanced shares"
+        " them by budget, balanced_low_0 keeps GPU 0 light.",
+    ),
 ]
 PinOpt = Annotated[
     list[str] | None,
     typer.Option("--pin", help="MODULE=DEVICE, repeatable: lm_head=0, model.vision_tower=cuda:0."),
 ]
 OffloadExecOpt = Annotated[
-    str,
+    OffloadExec,
     typer.Option("--offload-exec", help="Where cpu/disk-stored blocks run: gpu (first) or cpu."),
 ]
 LogitsOpt = Annotated[
-    str,
+    Logits,
     typer.Option("--logits", help="Logits kept per prefill: last (generate) or all (forward)."),
 ]
 ImagesOpt = Annotated[
@@ -138,7 +174,7 @@ class PlanChoices:
     gpus: GpusOpt = None
     context: ContextOpt = None
     batch: BatchOpt = 1
-    dtype: DtypeOpt = None
+    dtype: DtypeOpt = "auto"
     strategy: StrategyOpt = "balanced"
     pin: PinOpt = None
     offload_exec: OffloadExecOpt = "gpu"
@@ -155,6 +191,9 @@ class PlanChoices:
     ) -> Plan:
         """plan() with these options parsed; `context` and `images` are used when --context
         and --images were not given."""
+        from ..model.skeleton import Skeleton
+        from ..plan.planner import plan
+
         return plan(
             model,
             max_memory=parse_max_memory(self.max_memory),
@@ -162,10 +201,10 @@ class PlanChoices:
             context=context if self.context is None else self.context,
             batch=self.batch,
             dtype=None if isinstance(model, Skeleton) else self.dtype,  # a skeleton has its own
-            strategy=cast(Strategy, self.strategy),
+            strategy=self.strategy,
             pins=parse_pin_options(self.pin),
-            offload_exec=cast(OffloadExec, self.offload_exec),
-            logits=cast(Logits, self.logits),
+            offload_exec=self.offload_exec,
+            logits=self.logits,
             trust_remote_code=self.trust_remote_code,
             images=images if self.images is None else self.images,
             expert_cache=self.expert_cache,

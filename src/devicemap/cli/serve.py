@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import BadOption
-from ..run.dispatch import release
 from .commands import (
     INTERRUPTED,
     PlanFileOpt,
@@ -112,6 +111,7 @@ def serve(
 ) -> None:
     import uvicorn
 
+    from ..run.dispatch import release
     from ..serve.app import Settings, create_app, known_names
     from ..serve.engine import Engine
 

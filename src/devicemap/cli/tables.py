@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from ..devices import parse_device
-from ..plan.place import summarise
-from ..plan.planner import Plan
+
+if TYPE_CHECKING:  # the planner imports torch: not at the CLI's start
+    from ..plan.planner import Plan
 
 
 def render_plan(result: Plan, console: Console) -> None:
@@ -60,6 +63,8 @@ def usage_bar(used: int, budget: int, width: int = 8) -> str:
 
 
 def blocks_table(result: Plan) -> Table:
+    from ..plan.place import summarise
+
     table = Table(title="blocks per device (execution order)", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("device")
     table.add_column("blocks")

@@ -286,8 +286,11 @@ def _code_file(reference: str) -> str:
 
 
 def parse_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
-    """The plan dtype: `dtype` if given (a torch dtype or a name), else the config's, else fp32."""
+    """The plan dtype: `dtype` if given (a torch dtype or a name), else (None or "auto") the
+    config's, else fp32."""
     where = "the dtype"
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        dtype = None  # "auto": the checkpoint's own, as transformers' torch_dtype="auto"
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         where = "config.json's `dtype` (or `torch_dtype`)"
@@ -300,7 +303,7 @@ def parse_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
         return DTYPES[name.lower().removeprefix("torch.")]
     shown = repr(name)[:60]
     if where == "the dtype":
-        raise ConfigError(f"unknown dtype {shown}; choose one of: {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown dtype {shown}; choose one of: auto, {', '.join(DTYPES)}")
     raise ConfigError(
         f"{where} is {shown}, not a dtype weights are planned in; give --dtype, one of:"
         f" {', '.join(DTYPES)}"

@@ -12,6 +12,9 @@ from ..devices import Device
 Strategy = Literal["sequential", "balanced", "balanced_low_0"]
 OffloadExec = Literal["gpu", "cpu"]
 Logits = Literal["last", "all"]
+# the dtype names `--dtype` offers; "auto" is the checkpoint's own (config.json's `dtype`),
+# as leaving it out. plan() also takes a torch.dtype and the aliases model/config.py knows
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 @dataclass(frozen=True)
