@@ -8,6 +8,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -425,3 +426,20 @@ def test_unreadable_bin(tmp_path: Path) -> None:
     with pytest.raises(CorruptCheckpoint, match="not a readable PyTorch checkpoint") as e:
         read_index(resolve_model(directory))
     assert "pytorch_model.bin" in str(e.value)
+
+
+def test_cli_revision_plans_that_commit(hub_cache: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from devicemap.cli.main import app
+
+    def plan(*args: str) -> dict[str, Any]:
+        result = CliRunner().invoke(app, ["plan", "org/tiny", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return dict(json.loads(result.stdout))
+
+    main, v1 = plan(), plan("--revision", "v1")
+    blocks = [b for b in v1["device_map"] if b.startswith("transformer.h.")]
+    assert len(blocks) == 3 and len([b for b in main["device_map"] if ".h." in b]) == 2
+    missing = CliRunner().invoke(app, ["plan", "org/tiny", "--revision", "v9"])
+    assert missing.exit_code == 1 and "hf download org/tiny --revision v9" in missing.stderr

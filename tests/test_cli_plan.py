@@ -235,3 +235,58 @@ def test_plan_choices_make_plan_the_users_context_wins_and_a_skeleton_keeps_its_
     skeleton = build_skeleton(LLAMA_70B, dtype="float16")
     made = PlanChoices(max_memory=budgets, dtype="float32").make_plan(skeleton, context=1024)
     assert made.dtype == torch.float16  # --dtype went into the skeleton, not into plan() again
+
+
+# --- --device-map: an accelerate/transformers map file ------------------------------------
+
+
+def test_a_device_map_file_pins_like_pin_and_widens_sub_block_entries_with_a_warning(
+    runner, tmp_path: Path
+):
+    what_if = [LLAMA_70B, *WHAT_IF, "--context", "1024", "--json"]
+    pins = {"model.layers.0": 1, "lm_head": "cpu", "model.norm": "cpu"}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(pins))
+    by_file = invoke(runner, "plan", *what_if, "--device-map", str(path))
+    flags = [f"--pin={k}={v}" for k, v in pins.items()]
+    by_pin = invoke(runner, "plan", *what_if, *flags)
+    assert by_file.exit_code == 0 and by_pin.exit_code == 0, by_file.stderr
+    assert json.loads(by_file.stdout)["device_map"] == json.loads(by_pin.stdout)["device_map"]
+    assert json.loads(by_file.stdout)["device_map"]["model.layers.0"] == 1
+    assert "widened" not in by_file.stderr
+
+    path.write_text(json.dumps({"model.layers.3.mlp": "cpu", "model.layers.3.self_attn": "cpu"}))
+    widened = invoke(runner, "plan", *what_if, "--device-map", str(path))
+    assert widened.exit_code == 0, widened.stderr
+    assert json.loads(widened.stdout)["device_map"]["model.layers.3"] == "cpu"
+    assert "model.layers.3.mlp -> model.layers.3" in widened.stderr
+    assert "model.layers.3.self_attn -> model.layers.3" in widened.stderr
+
+    path.write_text(json.dumps({"": "cpu"}))  # accelerate's whole model on one device
+    whole = invoke(runner, "plan", LLAMA_70B, "--max-memory", "cpu=200GiB", "--context",
+                   "1024", "--json", "--device-map", str(path))  # fmt: skip
+    assert whole.exit_code == 0, whole.stderr
+    assert set(json.loads(whole.stdout)["device_map"].values()) == {"cpu"}
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "no such file"),
+        ("{not json", "not readable JSON"),
+        ("[1, 2]", "not a non-empty JSON object"),
+        ('{"lm_head": [0]}', "entries 'lm_head' name no device"),
+    ],
+)
+def test_a_bad_device_map_file_is_one_error_naming_it(runner, tmp_path: Path, content, says):
+    path = tmp_path / "map.json"
+    if content is not None:
+        path.write_text(content)
+    result = invoke(runner, "plan", LLAMA_70B, *WHAT_IF, "--device-map", str(path))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: --device-map {path}: {says}")
+    both = tmp_path / "both.json"
+    both.write_text('{"lm_head": "cpu"}')
+    result = invoke(runner, "plan", LLAMA_70B, *WHAT_IF, "--device-map", str(both),
+                    "--pin", "lm_head=0")  # fmt: skip
+    assert result.exit_code == 1 and "in both --pin and --device-map" in result.stderr

@@ -181,7 +181,7 @@ def open_model(
 
     if model is None and plan_file is not None:
         model = Plan.load(plan_file).model
-    source = resolve_model(model_argument(model))
+    source = resolve_model(model_argument(model), revision=planning.revision)
     if not planning.trust_remote_code:
         refuse_untrusted_code(source)
     return source, load_tokenizer(source, trust_remote_code=planning.trust_remote_code)

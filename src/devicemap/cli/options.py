@@ -152,6 +152,23 @@ GpuFractionOpt = Annotated[
         " --gpu-margin.",
     ),
 ]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="A JSON file of {module: device} (an accelerate/transformers device_map:"
+        ' {"model.layers.0": 0, "lm_head": "cpu", ...}), taken as --pin for each entry;'
+        " entries inside a block are widened to the whole block, with a warning.",
+    ),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        help="For a hub id: the branch, tag or commit in the local Hugging Face cache"
+        " (`hf download REPO --revision REV` puts it there). Default: main.",
+    ),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -184,6 +201,8 @@ class PlanChoices:
     page_cache: PageCacheOpt = None
     gpu_memory_fraction: GpuFractionOpt = None
     gpu_margin: GpuMarginOpt = None
+    device_map: DeviceMapOpt = None
+    revision: RevisionOpt = None
     trust_remote_code: TrustOpt = False
 
     def make_plan(
@@ -191,18 +210,22 @@ class PlanChoices:
     ) -> Plan:
         """plan() with these options parsed; `context` and `images` are used when --context
         and --images were not given."""
+        from ..model.checkpoint import resolve_model
         from ..model.skeleton import Skeleton
         from ..plan.planner import plan
 
-        return plan(
-            model,
+        pins = pins_with_device_map(parse_pin_options(self.pin), self.device_map)
+        # a hub id at --revision, a GGUF file converted once
+        target = resolve_model(model, revision=self.revision) if isinstance(model, str) else model
+        chosen = plan(
+            target,
             max_memory=parse_max_memory(self.max_memory),
             gpus=parse_gpus(self.gpus),
             context=context if self.context is None else self.context,
             batch=self.batch,
             dtype=None if isinstance(model, Skeleton) else self.dtype,  # a skeleton has its own
             strategy=self.strategy,
-            pins=parse_pin_options(self.pin),
+            pins=pins,
             offload_exec=self.offload_exec,
             logits=self.logits,
             trust_remote_code=self.trust_remote_code,
@@ -212,12 +235,85 @@ class PlanChoices:
             gpu_memory_fraction=self.gpu_memory_fraction,
             gpu_margin=self.gpu_margin,
         )
+        if self.device_map is not None:
+            warn_widened(read_device_map(self.device_map), chosen)
+        return chosen
+
+
+def read_device_map(path: str) -> dict[str, DeviceLike]:
+    """The {module: device} of a --device-map JSON file; BadOption naming the file."""
+    from ..errors import BadOption
+
+    def bad(why: str) -> BadOption:
+        return BadOption(
+            f"--device-map {path}: {why}; give a JSON object of module names to devices, like"
+            ' {"model.layers.0": 0, "lm_head": "cpu"}',
+            options=("device_map",),
+        )
+
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(16 << 20)
+        data = json.loads(raw)
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise bad(f"not readable JSON ({error})") from None
+    if not isinstance(data, dict) or not data:
+        raise bad("not a non-empty JSON object")
+    wrong = [k for k, v in data.items() if isinstance(v, bool) or not isinstance(v, (int, str))]
+    if wrong:
+        raise bad(f"entries {', '.join(map(repr, wrong[:5]))} name no device")
+    return {str(k): v for k, v in data.items()}
+
+
+def pins_with_device_map(
+    pins: dict[str, DeviceLike], device_map: str | None
+) -> dict[str, DeviceLike]:
+    """--pin entries plus the --device-map file's (the same module in both: PinError)."""
+    if device_map is None:
+        return pins
+    entries = read_device_map(device_map)
+    twice = sorted(set(entries) & set(pins))
+    if twice:
+        raise PinError(
+            f"{', '.join(twice)} in both --pin and --device-map {device_map}: give each once"
+        )
+    if "" in entries:  # accelerate's {"": 0}: the whole model on one device
+        whole = entries.pop("")
+        if entries:
+            raise PinError(
+                f'--device-map {device_map} maps "" (the whole model) and other modules too'
+            )
+        return {**pins, "": whole}
+    return {**pins, **entries}
+
+
+def warn_widened(entries: dict[str, DeviceLike], chosen: Plan) -> None:
+    """One warning line listing the --device-map entries inside a block: the plan places
+    whole blocks (a block's parts never run apart), so each took its block."""
+    blocks = list(chosen.device_map)
+    widened = []
+    for module in entries:
+        if not module or module in chosen.device_map:
+            continue
+        if any(b.startswith(module + ".") for b in blocks):
+            continue  # a parent of whole blocks: they all take its device
+        holder = next((b for b in blocks if module.startswith(b + ".")), None)
+        if holder is not None:
+            widened.append(f"{module} -> {holder}")
+    if widened:
+        typer.echo(
+            "warning: --device-map entries inside a block were widened to the whole block"
+            f" (devicemap places whole blocks): {', '.join(widened)}",
+            err=True,
+        )
 
 
 # the planning options' parameter names
 PLANNING = tuple(f.name for f in fields(PlanChoices))
 # those a saved plan (`run --plan`) replaces: building the model may still need its own code
-REPLANNING = tuple(name for name in PLANNING if name != "trust_remote_code")
+REPLANNING = tuple(name for name in PLANNING if name not in ("trust_remote_code", "revision"))
 
 Command = Callable[..., None]
 
