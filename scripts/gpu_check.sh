@@ -41,7 +41,7 @@ print("transformers", transformers.__version__)
 EOF
 
 status=0
-$python -m pytest tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt"
+$python -m pytest tests/gpu -q -rs -s -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 $python bench/gpu_decode.py "$@" 2>&1 | tee "$out/gpu_decode.txt"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
