@@ -216,6 +216,30 @@ def test_a_model_failure_fails_its_requests_and_the_engine_goes_on(tok: Any) -> 
         engine.close()
 
 
+def test_a_failure_between_forwards_fails_the_rows_and_the_engine_goes_on(
+    tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = model_of("llama", tok)
+    engine = Engine(model, tok, max_batch=2)
+    real, calls = engine._pick, {"n": 0}
+
+    def pick_badly(job: Job, logits: torch.Tensor) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:  # in a decode step, after the prefill
+            raise IndexError("a bug")
+        return real(job, logits)
+
+    monkeypatch.setattr(engine, "_pick", pick_badly)
+    try:
+        _, broken = submit(engine, prompt(tok, "x"), Sampling(max_new_tokens=6))
+        end = broken.wait()
+        assert end.kind == "error" and "IndexError: a bug" in str(end.error)
+        _, fine = submit(engine, prompt(tok, "x"), Sampling(max_new_tokens=4))
+        assert fine.wait().kind == "end" and engine.active == 0
+    finally:
+        engine.close()
+
+
 def test_a_token_id_past_the_vocabulary_is_refused_at_submit(tok: Any) -> None:
     model = model_of("llama", tok)
     engine = Engine(model, tok, max_batch=1)

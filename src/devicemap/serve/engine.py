@@ -183,12 +183,17 @@ class Engine:
                     break
                 free = self.max_batch - self.active
                 admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            with torch.no_grad():
-                self._admit([j for j in admitted if not j.cancelled.is_set()])
-                for job in admitted:
-                    if job.cancelled.is_set():
-                        self._end(job, "abort")
-                self._step()
+            gone = [j for j in admitted if j.cancelled.is_set()]  # left while waiting
+            for job in gone:
+                self._end(job, "abort")
+            try:
+                with torch.no_grad():
+                    self._admit([j for j in admitted if j not in gone])
+                    self._step()
+            except Exception as error:  # a bug here must not stop the server: fail the rows
+                jobs = [j for g in self._groups for j in g.jobs]
+                self._groups.clear()
+                self._fail(jobs, error)
         with self._wake:
             left = [*self._waiting, *(j for g in self._groups for j in g.jobs)]
             self._waiting.clear()
