@@ -786,3 +786,15 @@ def test_a_skeleton_loads_once(tiny_models: dict[str, Path]) -> None:
     with pytest.raises(devicemap.errors.LoadError, match="build a new one"):
         load(skeleton, plan, progress=False)
     assert torch.equal(logits(model, "llama"), expected), "the refused load changed nothing"
+
+
+def test_a_quantized_checkpoint_is_refused_by_name_not_a_key_mismatch(tmp_path: Path) -> None:
+    from devicemap.errors import CheckpointError
+    from tiny import make_tiny
+
+    directory = make_tiny("llama", tmp_path / "gptq")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"is a gptq checkpoint .* unquantized release"):
+        load(directory, max_memory={"cpu": "1GiB"}, progress=False)

@@ -31,7 +31,7 @@ from ..devices import (
     parse_device,
     present,
 )
-from ..errors import DeviceNotPresent, DeviceOutOfMemory, LoadError, PlanMismatch
+from ..errors import CheckpointError, DeviceNotPresent, DeviceOutOfMemory, LoadError, PlanMismatch
 from ..model import checkpoint
 from ..model.checkpoint import CheckpointIndex, TensorInfo
 from ..model.init import initialize
@@ -107,6 +107,7 @@ def place(
             f" {skeleton.dtype}; build it with build_skeleton(..., dtype={plan.dtype})"
         )
     _check_present(plan)
+    _refuse_quantized(skeleton)
     where = _placement(model, plan)
     keys = map_checkpoint(model, index)
     raise_on_mismatch(keys, skeleton.source.name)
@@ -126,6 +127,26 @@ def place(
         job.undo()
         raise
     return model
+
+
+def _refuse_quantized(skeleton: Skeleton) -> None:
+    """A quantized checkpoint (GPTQ, AWQ, bitsandbytes, fp8 ...) holds tensors devicemap
+    cannot read as the model's weights yet: say so, instead of a key mismatch."""
+    quantization = getattr(skeleton.config, "quantization_config", None)
+    if not quantization:
+        return
+    get = (
+        quantization.get
+        if isinstance(quantization, dict)
+        else functools.partial(getattr, quantization)
+    )
+    method = get("quant_method", None) or "quantized"
+    raise CheckpointError(
+        f"{skeleton.source.name} is a {method} checkpoint (quantization_config in its"
+        " config.json): devicemap loads unquantized weights only (bf16/fp16/fp32), and plans"
+        " the model at that size; use the model's unquantized release, or a GGUF file"
+        " (converted once, de-quantised)"
+    )
 
 
 @dataclass(frozen=True)
