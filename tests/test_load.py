@@ -796,5 +796,10 @@ def test_a_quantized_checkpoint_is_refused_by_name_not_a_key_mismatch(tmp_path: 
     config = json.loads((directory / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (directory / "config.json").write_text(json.dumps(config))
+    planned = devicemap.plan(directory, max_memory={"cpu": "1GiB"})  # a what-if: it says so
+    assert any(
+        r.startswith("the checkpoint is gptq (quantization_config)") for r in planned.reasons
+    )
+    assert "the unquantized model" in planned.explain()
     with pytest.raises(CheckpointError, match=r"is a gptq checkpoint .* unquantized release"):
         load(directory, max_memory={"cpu": "1GiB"}, progress=False)

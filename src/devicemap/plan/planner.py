@@ -698,6 +698,7 @@ def make_plan(
         order=skeleton.order,
         reasons=(
             *notes,
+            *_quantized_line(skeleton),
             *_reasons(placed, devices, tallies),
             *(unified if any(not d.is_gpu for d in stored) else ()),
             *_disk_lines(on_disk, streamed, options),
@@ -772,6 +773,20 @@ def disk_split(on_disk: Sequence[Block], page_cache: int | None) -> tuple[str, .
         if sum(b.nbytes for i, b in enumerate(on_disk) if i not in chosen) <= room:
             return tuple(b.name for i, b in enumerate(on_disk) if i in chosen)
     return tuple(b.name for b in on_disk)  # pragma: no cover - stream == count always fits
+
+
+def _quantized_line(skeleton: Skeleton) -> tuple[str, ...]:
+    """What a plan of a quantized checkpoint means: the unquantized model's sizes."""
+    quantization = getattr(skeleton.config, "quantization_config", None)
+    if not quantization:
+        return ()
+    get = quantization.get if isinstance(quantization, dict) else None
+    method = get("quant_method", None) if get else getattr(quantization, "quant_method", None)
+    return (
+        f"the checkpoint is {method or 'quantized'} (quantization_config): planned as"
+        f" {dtype_name(skeleton.dtype)} weights, the unquantized model; devicemap cannot load"
+        " quantized tensors yet (use the unquantized release)",
+    )
 
 
 def _disk_lines(
