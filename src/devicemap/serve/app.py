@@ -541,30 +541,23 @@ class _Reply:
 
     def chunk(self, delta: dict[str, Any], finish: str | None, *, text: str = "") -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._head("text_completion"), "choices": [choice]}
+            choice, head = _choice(delta=delta, finish=finish), "chat.completion.chunk"
+        else:
+            choice, head = _choice(text=text, finish=finish), "text_completion"
+        return {**self._head(head), "choices": [choice]}
 
     def whole(self, text: str, end: Event) -> dict[str, Any]:
         if self.chat:
             message = {"role": "assistant", "content": text}
-            choice = {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": end.finish_reason,
-            }
-            head = self._head("chat.completion")
+            choice, head = _choice(message=message, finish=end.finish_reason), "chat.completion"
         else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": end.finish_reason,
-            }
-            head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": _usage(end)}
+            choice, head = _choice(text=text, finish=end.finish_reason), "text_completion"
+        return {**self._head(head), "choices": [choice], "usage": _usage(end)}
+
+
+def _choice(*, finish: str | None, **body: Any) -> dict[str, Any]:
+    """One choice: index 0, its delta / message / text, no logprobs, its finish_reason."""
+    return {"index": 0, **body, "logprobs": None, "finish_reason": finish}
 
 
 def _model_card(model_id: str, created: int) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import random
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -258,18 +257,10 @@ class Engine:
             return
         width = max(batch.length, group.length)
         for into, new in zip(_layers(batch.cache), _layers(group.cache), strict=True):
-            into.keys = torch.cat(
-                [
-                    _pad_left(into.keys, width - batch.length),
-                    _pad_left(new.keys, width - group.length),
-                ]
-            )
-            into.values = torch.cat(
-                [
-                    _pad_left(into.values, width - batch.length),
-                    _pad_left(new.values, width - group.length),
-                ]
-            )
+            for kind in ("keys", "values"):
+                ours = _pad_left(getattr(into, kind), width - batch.length)
+                theirs = _pad_left(getattr(new, kind), width - group.length)
+                setattr(into, kind, torch.cat([ours, theirs]))
         batch.pads = [p + width - batch.length for p in batch.pads] + [
             p + width - group.length for p in group.pads
         ]
@@ -502,13 +493,3 @@ def _stop_prefix(text: str, stops: Sequence[str]) -> int:
                 best = n
                 break
     return best
-
-
-def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
-    """Whether the engine has nothing active or waiting within `timeout` s (tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not engine.active and not engine.waiting:
-            return True
-        time.sleep(0.01)
-    return False
