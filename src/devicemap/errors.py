@@ -141,3 +141,18 @@ class TemplateError(DevicemapError, ValueError):
 class GenerationFailed(DevicemapError, RuntimeError):
     """The model itself raised while generating (a config value or input it cannot take);
     the original exception is the __cause__."""
+
+
+# --- ranks (pipeline stages over torch.distributed) ------------------------
+
+
+class RankError(DevicemapError):
+    """Several ranks (torchrun processes) could not work together."""
+
+
+class RankMismatch(RankError, ValueError):
+    """Ranks started with different checkpoints, options or devicemap versions; names them."""
+
+
+class RankFailed(RankError, RuntimeError):
+    """Another rank died, hung or failed: every rank stops within a bounded timeout."""

@@ -9,6 +9,7 @@ from one converted safetensors cache, written once per (model, dtype, tensors).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -110,7 +111,8 @@ def place(
     _refuse_quantized(skeleton)
     where = _placement(model, plan)
     keys = map_checkpoint(model, index)
-    raise_on_mismatch(keys, skeleton.source.name)
+    raise_on_mismatch(keys, skeleton.source.name)  # the whole checkpoint, on every rank
+    keys = _this_rank(keys, where)
     job = _Job(model, plan, keys, where)
     job.experts = _expert_sources(job)
     try:
@@ -161,11 +163,13 @@ def _placement(model: torch.nn.Module, plan: Plan) -> dict[str, _Where]:
     names |= {name for name, _ in model.named_buffers()}  # loose non-persistent buffers
     unknown = sorted(k for k in plan.device_map if k and k not in names)
     keys = [*model.state_dict(), *(name for name, _ in _non_persistent(model))]
+    remote = plan.stage.remote if plan.stage is not None else {}
     where, uncovered = {}, []
     for key in keys:
         block = _block_of(key, plan.device_map)
         if block is None:
-            uncovered.append(key)
+            if _block_of(key, remote) is None:  # held by another rank: stays on meta here
+                uncovered.append(key)
             continue
         storage = parse_device(plan.device_map[block])
         default = CPU if storage == DISK else storage
@@ -178,6 +182,12 @@ def _placement(model: torch.nn.Module, plan: Plan) -> dict[str, _Where]:
             + "make a new plan for this model with devicemap.plan(model, ...)"
         )
     return where
+
+
+def _this_rank(keys: KeyMap, where: Mapping[str, _Where]) -> KeyMap:
+    """The recipes of the tensors this process places (all but other ranks' stages)."""
+    recipes = tuple(r for r in keys.recipes if all(t in where for t in r.targets))
+    return dataclasses.replace(keys, recipes=recipes)
 
 
 def _check_present(plan: Plan) -> None:
@@ -569,6 +579,10 @@ def _finish(job: _Job, skeleton: Skeleton) -> None:
     """Buffers to their execution device, ties, eval mode, generation config, hooks."""
     model = job.model
     for name, buffer in list(_non_persistent(model)):
+        if name not in job.where:  # another rank's: meta here, as its weights
+            path, _, leaf = name.rpartition(".")
+            model.get_submodule(path)._buffers[leaf] = buffer.to("meta")
+            continue
         if buffer.is_meta:
             raise LoadError(
                 f"non-persistent buffer {name} is still on meta; build the model with"
@@ -580,7 +594,9 @@ def _finish(job: _Job, skeleton: Skeleton) -> None:
     if tie is not None and getattr(model, "all_tied_weights_keys", None) is not None:
         tie(missing_keys=set(job.keys.not_loaded), recompute_mapping=False)
     _regenerate(job)
+    _drop_remote(job)
     kept = tuple(f"{name}." for name in job.experts)  # fused experts kept as pieces: meta
+    kept += tuple(f"{name}." for name in (job.plan.stage.remote if job.plan.stage else ()))
     tensors = [*model.named_parameters(), *model.named_buffers()]
     left = [n for n, t in tensors if t.is_meta and not n.startswith(kept)]
     if left:
@@ -589,6 +605,21 @@ def _finish(job: _Job, skeleton: Skeleton) -> None:
     _generation_config(model, skeleton.source.root)
     model.devicemap_plan = job.plan  # type: ignore[assignment]
     _dispatch(model, job.plan, job.maps)  # the files its weights are pages of, watched
+
+
+def _drop_remote(job: _Job) -> None:
+    """Other ranks' blocks hold meta tensors only, also where a tie gave them one of this
+    rank's (GPT-2's LM head on rank 0 shares the embedding): they run on meta here."""
+    if job.plan.stage is None:
+        return
+    for name in job.plan.stage.remote:
+        for sub in job.model.get_submodule(name).modules():
+            for key, param in list(sub._parameters.items()):
+                if param is not None and not param.is_meta:
+                    sub._parameters[key] = torch.nn.Parameter(param.to("meta"), param.requires_grad)
+            for key, buffer in list(sub._buffers.items()):
+                if buffer is not None and not buffer.is_meta:
+                    sub._buffers[key] = buffer.to("meta")
 
 
 def _regenerate(job: _Job) -> None:

@@ -47,6 +47,7 @@ from .place import (
     summarise,
 )
 from .shortfall import does_not_fit, largest
+from .stage import Stage, stage_from_json
 
 PLAN_FORMAT = 1  # bump when the JSON layout changes
 DEFAULT_CONTEXT = 4096  # tokens, when neither the caller nor a short model says otherwise
@@ -93,6 +94,8 @@ class Plan:
     # disk blocks streamed through the page cache (read each token, dropped once run) so
     # the other disk blocks stay resident: the disk tier's cache policy (page_cache option)
     streamed: tuple[str, ...] = ()
+    # one rank's part of a plan over several ranks (plan/stages.py); None: one process
+    stage: Stage | None = None
 
     def explain(self) -> str:
         """Why each device holds what it holds, what did not fit where, pins and ties."""
@@ -143,6 +146,7 @@ class Plan:
             "order": self.order,
             "reasons": list(self.reasons),
             "streamed": list(self.streamed),
+            **({"stage": self.stage.to_json()} if self.stage is not None else {}),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -283,6 +287,7 @@ def plan_from_json(data: Any, *, source: str = "<json>") -> Plan:
     order = read.get(data, "order", _one_of(("forward", "registration")))
     reasons = read.get(data, "reasons", _TEXTS)
     streamed = read.get(data, "streamed", _TEXTS, default=[])  # none in older plans
+    stage = None if data.get("stage") is None else stage_from_json(data["stage"], source)
     if read.problems or options is None:  # None: noted as a problem
         raise PlanError(
             f"{source} is a damaged plan file: {'; '.join(read.problems)}. Make it again with"
@@ -300,6 +305,7 @@ def plan_from_json(data: Any, *, source: str = "<json>") -> Plan:
         order=order,
         reasons=tuple(reasons),
         streamed=tuple(streamed),
+        stage=stage,
     )
 
 

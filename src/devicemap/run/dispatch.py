@@ -44,7 +44,8 @@ from ..errors import CheckpointChanged, LoadError, PlanError, UnknownDevice
 from ..model.checkpoint import close_mmaps
 from ..model.skeleton import is_experts
 from ..plan.planner import Plan
-from . import expert_cache, experts
+from ..plan.stage import Stage
+from . import expert_cache, experts, pipeline
 from .experts import EXPERTS_ATTR
 from .mover import Mover, first_device
 from .offload import BlockWeights, GpuStreamer, Offload, PagePrefetcher, block_weights
@@ -134,8 +135,32 @@ def dispatch(
     model: M, plan: Plan, *, prefetch: bool = True, watch: Iterable[str | os.PathLike[str]] = ()
 ) -> M:
     """Attach device-boundary and offload hooks to `model`, placed as `plan` says; return it.
-    `watch`: files the model's weights are pages of, checked at each forward's start."""
-    return attach(model, layout_of(plan), prefetch=prefetch, watch=watch)
+    `watch`: files the model's weights are pages of, checked at each forward's start. A
+    plan for one rank of several (plan.stage) also gets its stage's hooks (run/pipeline.py)."""
+    layout = layout_of(plan)
+    attach(model, layout, prefetch=prefetch, watch=watch)
+    if plan.stage is not None:
+        state: _Dispatched = model.__dict__[_STATE]
+        try:
+            state.handles += pipeline.attach(
+                model, plan.stage, _stage_home(layout, ""), _stage_devices(layout, plan.stage)
+            )
+        except BaseException:
+            release(model, drop_weights=False)
+            raise
+    return model
+
+
+def _stage_home(layout: Layout, module: str) -> torch.device:
+    """Where `module` (a block, or the layer holding MoE pieces; "": this rank) runs."""
+    for name in layout.order:
+        if not module or name == module or name.startswith(module + "."):
+            return layout.execution[name].torch()
+    return layout.execution[layout.order[0]].torch()
+
+
+def _stage_devices(layout: Layout, stage: Stage) -> dict[str, torch.device]:
+    return {m: _stage_home(layout, m) for m in (stage.entry, stage.exit) if m is not None}
 
 
 def attach(
@@ -455,7 +480,9 @@ def _hook_aliases(
     outside = []
     multi = len(set(state.layout.execution.values())) > 1
     for mname, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) not in loose_ids]
+        own = [  # meta: another pipeline rank's weights
+            p for p in module.parameters(recurse=False) if id(p) not in loose_ids and not p.is_meta
+        ]
         if id(module) in inside or not own:
             continue
         names = {owner.get(id(p)) for p in own}

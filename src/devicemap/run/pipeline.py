@@ -1,0 +1,156 @@
+"""Pipeline stages at run time: hooks that make one rank's model compute only its stage.
+
+Every rank runs the whole model's forward (and `generate`) in lockstep; its Stage
+(plan/stage.py) says what the blocks other ranks hold do here:
+
+- "meta": the block's weights are on meta and its inputs are turned into meta tensors, so
+  it computes shapes only, in microseconds, and this rank's KV cache (meta for those
+  layers) keeps its lengths, masks and positions in step;
+- "zeros": the embeddings (rank 0's) give zeros on this rank's first device, so the model
+  computes its masks and positions here from real tensors;
+- "logits": the LM head (the last rank's) gives the logits the last rank broadcasts.
+
+At the stage's own edges: the first layer's input hidden states are received from the
+previous rank (the meta tensor in their place gives their shape), the last layer's
+output is sent to the next rank, and the last rank broadcasts its LM head's output.
+Only the hidden states of the boundary and the logits cross; nothing is re-sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import RankError
+from ..model.skeleton import is_experts
+from ..plan.stage import Stage
+from . import experts, ranks
+
+Hook = Callable[..., Any]
+
+
+def attach(
+    model: torch.nn.Module, stage: Stage, home: torch.device, devices: Mapping[str, torch.device]
+) -> list[RemovableHandle]:
+    """Hook `model` for its rank's stage; `home`: where this rank's inputs are, `devices`:
+    module -> where it runs (for the received hidden states). Returns the handles."""
+    handles: list[RemovableHandle] = []
+    has_experts = False
+    for name, role in stage.remote.items():
+        module = model.get_submodule(name)
+        has_experts |= any(is_experts(m) for m in module.modules())
+        handles.append(module.register_forward_pre_hook(_to_meta, with_kwargs=True, prepend=True))
+        if role == "zeros":
+            handles.append(module.register_forward_hook(_zeros(home)))
+        elif role == "logits":
+            handles.append(module.register_forward_hook(_received_logits(stage, home)))
+    if stage.entry is not None:
+        entry = model.get_submodule(stage.entry)
+        where = devices.get(stage.entry, home)
+        hook = _receive(stage.rank - 1, where)
+        handles.append(entry.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+    if stage.exit is not None:
+        handles.append(model.get_submodule(stage.exit).register_forward_hook(_send(stage.rank + 1)))
+    if stage.head is not None:
+        head = model.get_submodule(stage.head)
+        handles.append(head.register_forward_hook(_broadcast_logits(stage.rank)))
+    if has_experts:  # its meta tensors give a remote MoE layer's output shape
+        experts.select(model)
+    return handles
+
+
+def _meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value if value.is_meta else torch.empty_like(value, device="meta")
+    if isinstance(value, tuple):
+        return tuple(_meta(v) for v in value)
+    if isinstance(value, list):
+        return [_meta(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _meta(v) for k, v in value.items()}
+    return value  # the cache, flags, config values
+
+
+def _to_meta(module: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """Another rank's block computes shapes only."""
+    return _meta(args), _meta(kwargs)
+
+
+def _real(value: Any, make: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with each meta tensor replaced by `make(it)` (a ModelOutput keeps its class)."""
+    if isinstance(value, torch.Tensor):
+        return make(value) if value.is_meta else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_real(v, make) for v in value)
+    if isinstance(value, dict):  # a ModelOutput too: updated in place, it is this call's own
+        for key, item in list(value.items()):
+            value[key] = _real(item, make)
+    return value
+
+
+def _zeros(home: torch.device) -> Hook:
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        return _real(output, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=home))
+
+    return hook
+
+
+def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+    """A layer's input hidden states: its first positional argument, or hidden_states=."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], True
+    value = kwargs.get("hidden_states")
+    if not isinstance(value, torch.Tensor):
+        raise RankError(
+            "a pipeline stage's first layer was called without hidden states as its first"
+            " argument or hidden_states=: this model's layers cannot be cut between ranks"
+        )
+    return value, False
+
+
+def _receive(source: int, where: torch.device) -> Hook:
+    def hook(module: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        like, positional = _hidden(args, kwargs)
+        hidden = ranks.recv(like, source).to(where)
+        if positional:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise RankError(
+        f"a pipeline stage's last layer returned {type(output).__name__}, not its hidden"
+        " states: this model's layers cannot be cut between ranks"
+    )
+
+
+def _send(to: int) -> Hook:
+    def hook(module: Any, args: Any, output: Any) -> None:
+        ranks.send(_first_tensor(output), to)
+
+    return hook
+
+
+def _broadcast_logits(rank: int) -> Hook:
+    def hook(module: Any, args: Any, output: Any) -> None:
+        ranks.broadcast(_first_tensor(output), rank)
+
+    return hook
+
+
+def _received_logits(stage: Stage, home: torch.device) -> Hook:
+    last = stage.ranks - 1
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        return _real(output, lambda t: ranks.broadcast(t, last).to(home))
+
+    return hook

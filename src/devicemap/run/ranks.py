@@ -1,0 +1,182 @@
+"""This process among the ranks torchrun started, and the messages pipeline stages send.
+
+torch.distributed does the transport: the process group is gloo (CPU tensors, TCP, also
+the control messages), rendezvous from torchrun's environment (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT). Every operation here waits at most `timeout` seconds
+(DEVICEMAP_RANK_TIMEOUT, default 300) and turns a peer that died (its connection closed:
+at once) or hung (nothing arrives: after the timeout) into RankFailed naming that rank,
+so no rank waits forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from ..errors import BadOption, RankFailed
+
+TIMEOUT_ENV = "DEVICEMAP_RANK_TIMEOUT"
+DEFAULT_TIMEOUT = 300.0  # seconds: a long prefill on a slow stage must fit in it
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's rank among `size`, and how long any message may take."""
+
+    rank: int
+    size: int
+    timeout: float  # seconds
+
+    @property
+    def last(self) -> int:
+        return self.size - 1
+
+
+_joined: Ranks | None = None
+
+
+def world_size() -> int:
+    """How many ranks torchrun started (1 when not launched by it)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise BadOption(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of ranks; launch with"
+            " torchrun, which sets it"
+        ) from None
+
+
+def launched() -> bool:
+    """Whether this process is one of several ranks (WORLD_SIZE > 1)."""
+    return world_size() > 1
+
+
+def rank_timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise BadOption(f"{TIMEOUT_ENV}={raw!r}: give a positive number of seconds")
+    return value
+
+
+def join() -> Ranks:
+    """Join the process group torchrun's environment describes (once per process)."""
+    global _joined
+    if _joined is not None:
+        return _joined
+    import torch.distributed as dist
+
+    timeout = rank_timeout()
+    size = world_size()
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(
+                "gloo", timeout=datetime.timedelta(seconds=timeout), world_size=size
+            )
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise RankFailed(
+                f"could not join the {size} ranks within {timeout:.0f} s: {_short(error)}."
+                " Launch every rank with torchrun (same --nnodes, --nproc-per-node and"
+                " --rdzv-endpoint on each machine) and check that each machine reaches the"
+                " endpoint"
+            ) from None
+    _joined = Ranks(rank=dist.get_rank(), size=dist.get_world_size(), timeout=timeout)
+    return _joined
+
+
+def current() -> Ranks:
+    """The ranks joined by `join` (RankFailed if this process never joined)."""
+    if _joined is None:
+        raise RankFailed("this process has not joined the ranks; call devicemap.run.ranks.join()")
+    return _joined
+
+
+def leave() -> None:
+    """Leave the process group (after a clean run; a failed one just exits)."""
+    global _joined
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _joined = None
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1][:300] if text else type(error).__name__
+
+
+def _guard(peer: int | None, what: str, op: Callable[[], T]) -> T:
+    ranks = current()
+    try:
+        return op()
+    except RuntimeError as error:
+        who = f"rank {peer}" if peer is not None else "another rank"
+        raise RankFailed(
+            f"rank {ranks.rank}: {who} did not {what} within {ranks.timeout:.0f} s, or closed"
+            f" its connection ({_short(error)}): it died, hung or failed; see its output."
+            f" ({TIMEOUT_ENV} sets the timeout)"
+        ) from None
+
+
+def _wait(work: Any) -> None:
+    work.wait(datetime.timedelta(seconds=current().timeout))
+
+
+def send(tensor: torch.Tensor, to: int) -> None:
+    """Send `tensor` (copied to the CPU for gloo) to rank `to`."""
+    import torch.distributed as dist
+
+    data = tensor.detach().to("cpu").contiguous()
+    _guard(to, "receive the hidden states", lambda: _wait(dist.isend(data, to)))
+
+
+def recv(like: torch.Tensor, source: int) -> torch.Tensor:
+    """A tensor shaped and typed as `like` (a meta tensor will do), from rank `source`."""
+    import torch.distributed as dist
+
+    out = torch.empty(like.shape, dtype=like.dtype)
+    _guard(source, "send the hidden states", lambda: _wait(dist.irecv(out, source)))
+    return out
+
+
+def broadcast(tensor: torch.Tensor, source: int) -> torch.Tensor:
+    """`tensor` from rank `source` on every rank (pass a meta tensor where it is not known)."""
+    import torch.distributed as dist
+
+    if current().rank == source:
+        data = tensor.detach().to("cpu").contiguous()
+    else:
+        data = torch.empty(tensor.shape, dtype=tensor.dtype)
+    _guard(source, "send the logits", lambda: _wait(dist.broadcast(data, source, async_op=True)))
+    return data
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    ranks = current()
+    out: list[Any] = [None] * ranks.size
+    _guard(None, "start up", lambda: dist.all_gather_object(out, value))
+    return out
+
+
+def share(value: Any, source: int = 0) -> Any:
+    """Rank `source`'s `value` (picklable) on every rank."""
+    import torch.distributed as dist
+
+    box = [value if current().rank == source else None]
+    _guard(source, "share its input", lambda: dist.broadcast_object_list(box, source))
+    return box[0]
