@@ -45,7 +45,9 @@ if TYPE_CHECKING:  # annotations only; what runs is imported where it runs
     from ..model.checkpoint import ModelSource
     from ..model.skeleton import Skeleton
     from ..plan.planner import Plan
+    from ..plan.stages import Stages
     from ..run.generate import Chat, Reply, ReplyStream, Sampling
+    from ..run.ranks import Ranks
     from .measure import BenchResult
 
 # --- shared options ----------------------------------------------------------------
@@ -150,6 +152,13 @@ class Session:
     plan_s: float  # seconds to build the skeleton and plan (or read the saved plan)
     model: Any = None
     load_s: float = 0.0
+    stages: Stages | None = None  # under torchrun: the plan over every rank (plan: this rank's)
+    ranks: Ranks | None = None
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process prints (one process, or rank 0 of several)."""
+        return self.ranks is None or self.ranks.rank == 0
 
     def load(self) -> Any:
         """The model, loaded as the plan says (a progress bar on a terminal)."""
@@ -196,19 +205,29 @@ def session(
     *,
     context: int | None = None,
     images: int | None = None,
+    ranks: Ranks | None = None,
 ) -> Iterator[Session]:
     """Plan (or read --plan) and yield the Session; `context` and `images` replace the
-    defaults (when --context / --images are not given).
+    defaults (when --context / --images are not given). With `ranks` (torchrun), one plan
+    over every rank: the Session holds this rank's.
 
     The caller loads the model with `s.load()`; it is released when the block ends.
     """
     start = time.perf_counter()
+    stages: Stages | None = None
     with stderr.status(f"planning {source.name}"):
-        skeleton, chosen = plan_for(ctx, planning, source, context=context, images=images)
-    s = Session(source, tokenizer, skeleton, chosen, time.perf_counter() - start)
+        if ranks is None:
+            skeleton, chosen = plan_for(ctx, planning, source, context=context, images=images)
+        else:
+            skeleton, stages = ranked_plan(ctx, planning, source, ranks, context, images)
+            chosen = stages.plans[ranks.rank]
+    s = Session(source, tokenizer, skeleton, chosen, time.perf_counter() - start, stages=stages)
+    s.ranks = ranks
     verb = "read plan" if ctx.params.get("plan_file") else "planned"
+    where = f" rank {ranks.rank} of {ranks.size}:" if ranks is not None else ""
     stderr.print(
-        f"{verb} in {s.plan_s:.1f} s: {placement_line(chosen)}; context {chosen.options.context}"
+        f"{verb} in {s.plan_s:.1f} s:{where} {placement_line(chosen)}; context"
+        f" {chosen.options.context}"
     )
     try:
         yield s
@@ -235,6 +254,35 @@ def plan_for(
         context = min(context, skeleton.max_positions)  # check_context then says what is too long
     # the user's --context and --images win
     return skeleton, planning.make_plan(skeleton, context=context, images=images)
+
+
+def ranked_plan(
+    ctx: typer.Context,
+    planning: PlanChoices,
+    source: ModelSource,
+    ranks: Ranks,
+    context: int | None,
+    images: int | None,
+) -> tuple[Skeleton, Stages]:
+    """The plan over every rank, after checking that they all started alike (RankMismatch)."""
+    from ..model.skeleton import build_skeleton
+    from ..run.ranks import agree
+    from .ranked import identity, plan_stages
+
+    if ctx.params.get("plan_file") is not None:
+        raise BadOption(
+            "--plan reads a plan for one process; under torchrun the ranks plan together:"
+            " drop --plan",
+            options=("plan_file",),
+        )
+    skeleton = build_skeleton(
+        source, dtype=planning.dtype, trust_remote_code=planning.trust_remote_code
+    )
+    agree(identity(skeleton, planning, ctx.command.name or ""))
+    if context is not None and skeleton.max_positions is not None:
+        context = min(context, skeleton.max_positions)
+    stages = plan_stages(planning, skeleton, ranks=ranks, context=context, images=images)
+    return skeleton, stages
 
 
 def saved_plan(
@@ -420,12 +468,15 @@ def run_command(
     """Answer one prompt, streaming the reply as it is generated (greedy by default)."""
     with command_errors(as_json=as_json):  # Ctrl-C in the imports too: [interrupted], 130
         from ..run.generate import build_image_prompt, build_prompt, check_context
+        from .ranked import joined, seeded, shared_input
 
         sampling = sampling_choices.sampling()
-        if prompt == "-":
+        ranks = joined()  # torchrun: rank 0 reads the prompt, every rank runs its stage
+        leader = ranks is None or ranks.rank == 0
+        if prompt == "-" and leader:
             read_undecodable_stdin()
-        text = valid_text(read_stdin() if prompt == "-" else prompt, "the prompt")
-        pictures = open_images(image or [])
+        text = valid_text(read_stdin() if prompt == "-" and leader else prompt, "the prompt")
+        pictures = open_images(image or []) if leader else []
         source, tokenizer = open_model(model, planning, plan_file=plan_file)
         system = valid_text(system, "--system") if system else None
         messages = [{"role": "system", "content": system}] if system else []
@@ -436,9 +487,14 @@ def run_command(
             ids, inputs = build_image_prompt(processor, messages, pictures)
         else:
             ids = build_prompt(tokenizer, messages, raw=raw)
+        if ranks is not None:
+            text, ids, inputs, sampling, pictures = shared_input(
+                ranks, (text, ids, inputs, seeded(sampling), [None] * len(pictures))
+            )
         needed = int(ids.shape[-1]) + sampling.max_new_tokens  # tokens: plan for what runs
         images = len(pictures) if pictures else None
-        with session(ctx, planning, source, tokenizer, context=needed, images=images) as s:
+        opened = (source, tokenizer)
+        with session(ctx, planning, *opened, context=needed, images=images, ranks=ranks) as s:
             check_context(
                 int(ids.shape[-1]),
                 sampling.max_new_tokens,
@@ -446,11 +502,15 @@ def run_command(
                 limit=s.skeleton.max_positions,
             )
             s.load()
-            reply = reply_to(s, ids, sampling, show=not as_json, inputs=inputs)
+            reply = reply_to(s, ids, sampling, show=not as_json and s.leader, inputs=inputs)
     if as_json:
         typer.echo(json.dumps(reply_json(s, reply, prompt=text), indent=2))
     else:
         stderr.print(summary_line(reply, s.plan))
+    if ranks is not None:
+        from ..run.ranks import leave
+
+        leave()
     if reply.finish_reason == "interrupted":
         raise typer.Exit(INTERRUPTED)
 
@@ -499,6 +559,8 @@ def summary_line(reply: Reply, chosen: Plan) -> str:
 
 
 def reply_json(s: Session, reply: Reply, *, prompt: str) -> dict[str, Any]:
+    from .ranked import stage_json
+
     return {
         "model": s.source.name,
         "prompt": prompt,
@@ -516,6 +578,7 @@ def reply_json(s: Session, reply: Reply, *, prompt: str) -> dict[str, Any]:
         "placement": placement(s.plan),  # blocks per storage device
         "device_map": s.plan.device_map,
         "exec_map": s.plan.exec_map,
+        **(stage_json(s.stages, s.ranks.rank) if s.stages and s.ranks else {}),
     }
 
 

@@ -58,9 +58,36 @@ def plan_command(
     explain: Annotated[
         bool, typer.Option("--explain", help="Say why each device holds what it holds.")
     ] = False,
+    ranks: Annotated[
+        int | None,
+        typer.Option(
+            "--ranks",
+            metavar="N",
+            help="Plan pipeline stages over N ranks (machines or processes), each with the"
+            " budgets given here: a what-if for `torchrun`.",
+        ),
+    ] = None,
+    rank_budgets: Annotated[
+        str | None,
+        typer.Option(
+            "--rank-budgets",
+            metavar="FILE",
+            help='Plan over ranks with their own budgets: a JSON list, [{"0": "24GiB",'
+            ' "cpu": "64GiB"}, {"cpu": "128GiB"}].',
+        ),
+    ] = None,
 ) -> None:
     """Plan where every part of MODEL goes, counting KV cache, workspace and logits."""
     with command_errors(as_json=as_json):  # Ctrl-C: torch may still be importing
+        from .ranked import check_ranks_option, joined
+
+        joined_ranks = joined()
+        check_ranks_option(joined_ranks, ranks, rank_budgets)
+        if joined_ranks is not None or ranks is not None or rank_budgets is not None:
+            plan_ranks(model, planning, ranks, rank_budgets, as_json=as_json, explain=explain)
+            if save is not None:
+                raise typer.BadParameter("--save saves a plan for one process; use --json")
+            return
         result = planning.make_plan(model_argument(model))
         if save is not None:
             result.save(save)
@@ -72,6 +99,47 @@ def plan_command(
             typer.echo(result.explain())
     if save is not None:
         typer.echo(f"plan saved to {save}", err=True)
+
+
+def plan_ranks(
+    model: str | None,
+    planning: PlanChoices,
+    what_if: int | None,
+    budgets_file: str | None,
+    *,
+    as_json: bool,
+    explain: bool,
+) -> None:
+    """`plan` over several ranks: every rank's plan on rank 0 (and a what-if), its own on
+    the others (torchrun)."""
+    from ..model.skeleton import build_skeleton
+    from ..run.ranks import agree, leave
+    from .ranked import identity, joined, plan_stages, stage_json
+
+    ranks = joined()
+    target: str = model_argument(model)
+    if ranks is not None:
+        from ..model.checkpoint import resolve_model
+
+        source = resolve_model(target, revision=planning.revision)
+        skeleton = build_skeleton(
+            source, dtype=planning.dtype, trust_remote_code=planning.trust_remote_code
+        )
+        agree(identity(skeleton, planning, "plan"))
+        stages = plan_stages(planning, skeleton, ranks=ranks)
+    else:
+        stages = plan_stages(planning, target, what_if=what_if, budgets_file=budgets_file)
+    rank = 0 if ranks is None else ranks.rank
+    if as_json:
+        typer.echo(json.dumps(stage_json(stages, rank) if ranks else stages.to_json(), indent=2))
+    elif rank == 0:
+        console = Console(soft_wrap=False)
+        for r, own in enumerate(stages.plans):
+            console.print(f"rank {r}:")
+            render_plan(own, console)
+        typer.echo(stages.explain() if explain else "\n".join(stages.lines))
+    if ranks is not None:
+        leave()
 
 
 app.command("run")(with_version(commands.run_command))

@@ -28,7 +28,8 @@ from ..plan.options import Dtype, Logits, OffloadExec, Strategy
 if TYPE_CHECKING:  # annotations only: the planner (torch, transformers) loads when used
     from ..devices import DeviceLike
     from ..model.skeleton import Skeleton
-    from ..plan.planner import Plan
+    from ..plan.options import PlanOptions
+    from ..plan.planner import Plan, RankBudgets
 
 ModelArg = Annotated[
     str | None,
@@ -210,15 +211,33 @@ class PlanChoices:
     ) -> Plan:
         """plan() with these options parsed; `context` and `images` are used when --context
         and --images were not given."""
+        from ..plan.planner import plan
+
+        chosen = plan(**self._arguments(model, context, images))
+        if self.device_map is not None:
+            warn_widened(read_device_map(self.device_map), chosen)
+        return chosen
+
+    def inputs(
+        self, model: str | Skeleton, *, context: int | None = None, images: int | None = None
+    ) -> tuple[Skeleton, RankBudgets, PlanOptions]:
+        """What make_plan plans from: the skeleton, this machine's budgets, the options (for
+        a plan over several ranks, whose budgets are exchanged first)."""
+        from ..plan.planner import plan_inputs
+
+        return plan_inputs(**self._arguments(model, context, images))
+
+    def _arguments(
+        self, model: str | Skeleton, context: int | None, images: int | None
+    ) -> dict[str, Any]:
         from ..model.checkpoint import resolve_model
         from ..model.skeleton import Skeleton
-        from ..plan.planner import plan
 
         pins = pins_with_device_map(parse_pin_options(self.pin), self.device_map)
         # a hub id at --revision, a GGUF file converted once
         target = resolve_model(model, revision=self.revision) if isinstance(model, str) else model
-        chosen = plan(
-            target,
+        return dict(
+            model=target,
             max_memory=parse_max_memory(self.max_memory),
             gpus=parse_gpus(self.gpus),
             context=context if self.context is None else self.context,
@@ -235,9 +254,6 @@ class PlanChoices:
             gpu_memory_fraction=self.gpu_memory_fraction,
             gpu_margin=self.gpu_margin,
         )
-        if self.device_map is not None:
-            warn_widened(read_device_map(self.device_map), chosen)
-        return chosen
 
 
 def read_device_map(path: str) -> dict[str, DeviceLike]:

@@ -489,6 +489,79 @@ def plan(
     `page_cache`: how much of the disk tier may stay in the page cache (the rest is streamed
     through it); default: what this machine's RAM (cgroup limits included) has free beyond
     what the plan puts on the cpu, less a tenth."""
+    skeleton, here, options = plan_inputs(
+        model,
+        max_memory=max_memory,
+        gpus=gpus,
+        context=context,
+        batch=batch,
+        dtype=dtype,
+        strategy=strategy,
+        pins=pins,
+        offload_exec=offload_exec,
+        no_split=no_split,
+        trust_remote_code=trust_remote_code,
+        logits=logits,
+        images=images,
+        expert_cache=expert_cache,
+        page_cache=page_cache,
+        gpu_memory_fraction=gpu_memory_fraction,
+        gpu_margin=gpu_margin,
+    )
+    try:
+        return make_plan(skeleton, here.sizes, options, free_ram=here.free_ram, notes=here.notes)
+    except DoesNotFit as exc:
+        raise with_margins(exc, here) from None
+
+
+@dataclass(frozen=True)
+class RankBudgets:
+    """What one machine (one rank of several) has: bytes per device, its free RAM (sets the
+    page cache of a disk tier; None: not measured), how the budgets were measured (the
+    explanation's first lines) and what each measured GPU keeps free."""
+
+    sizes: Mapping[Device, int]
+    free_ram: int | None = None
+    notes: tuple[str, ...] = ()
+    kept: Mapping[Device, int] = field(default_factory=dict)
+
+
+def with_margins(error: DoesNotFit, here: RankBudgets) -> DoesNotFit:
+    """`error`, saying what the measured GPUs' budgets keep free (the margin can be lowered)."""
+    if not here.kept:
+        return error
+    kept = ", ".join(f"{d} {format_size(n)}" for d, n in here.kept.items())
+    return DoesNotFit(
+        f"{error}. (The budgets keep {kept} free for the CUDA context, kernels and"
+        " allocator: --gpu-margin, 0 to keep none)",
+        shortfall=error.shortfall,
+        suggestions=error.suggestions,
+    )
+
+
+def plan_inputs(
+    model: Any,
+    *,
+    max_memory: Mapping[DeviceLike, SizeLike] | None = None,
+    gpus: int | list[DeviceLike] | None = None,
+    context: int | None = None,
+    batch: int = 1,
+    dtype: torch.dtype | str | None = None,
+    strategy: Strategy = "balanced",
+    pins: Mapping[str, DeviceLike] | None = None,
+    offload_exec: OffloadExec = "gpu",
+    no_split: tuple[str, ...] = (),
+    trust_remote_code: bool = False,
+    logits: Logits = "last",
+    images: int | None = None,
+    expert_cache: int = 0,
+    page_cache: SizeLike | None = None,
+    gpu_memory_fraction: float | None = None,
+    gpu_margin: SizeLike | None = None,
+) -> tuple[Skeleton, RankBudgets, PlanOptions]:
+    """What `plan` plans from (the same arguments): the skeleton, this machine's budgets
+    (measured where `max_memory` does not give them) and the options. Several ranks
+    exchange their budgets and call plan/stages.plan_ranks with them."""
     from ..devices import cpu_memory, measure_budgets, parse_size  # this machine, only here
 
     skeleton = _skeleton_of(model, dtype, no_split, trust_remote_code)
@@ -515,18 +588,8 @@ def plan(
         expert_cache=expert_cache,
         page_cache=cache,
     )
-    try:
-        return make_plan(skeleton, budgets, options, free_ram=free_ram, notes=measured.notes)
-    except DoesNotFit as exc:
-        if not measured.kept:
-            raise
-        kept = ", ".join(f"{d} {format_size(n)}" for d, n in measured.kept.items())
-        raise DoesNotFit(
-            f"{exc}. (The budgets keep {kept} free for the CUDA context, kernels and"
-            " allocator: --gpu-margin, 0 to keep none)",
-            shortfall=exc.shortfall,
-            suggestions=exc.suggestions,
-        ) from None
+    here = RankBudgets(budgets, free_ram, measured.notes, measured.kept)
+    return skeleton, here, options
 
 
 class MemoryWarning(UserWarning):

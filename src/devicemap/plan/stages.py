@@ -39,7 +39,7 @@ from ..model.memory import hidden_size
 from ..model.skeleton import Block, Skeleton
 from .options import PlanOptions
 from .place import kv_bytes, list_names, pin_covers
-from .planner import Plan, make_plan
+from .planner import Plan, RankBudgets, make_plan, with_margins
 from .stage import Role, Stage
 
 
@@ -246,16 +246,6 @@ def shortfall(rank: int, names: Sequence[str], error: DoesNotFit) -> DoesNotFit:
 
 
 @dataclass(frozen=True)
-class RankBudgets:
-    """What one rank has: bytes per device, its free RAM (for the page cache of its disk
-    tier; None: what-if), and how its budgets were measured (the explanation's notes)."""
-
-    sizes: Mapping[Device, int]
-    free_ram: int | None = None
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Stages:
     """A plan over several ranks: one Plan per rank, each with its Stage."""
 
@@ -288,16 +278,11 @@ class Stages:
             "model": self.plans[0].model,
             "max_context": self.max_context,
             "stages": [
-                {"rank": r, "blocks": list(_held(p)), "plan": p.to_json()}
+                {"rank": r, "blocks": list(p.device_map), "plan": p.to_json()}
                 for r, p in enumerate(self.plans)
             ],
             "explain": list(self.lines),
         }
-
-
-def _held(plan: Plan) -> tuple[str, ...]:
-    assert plan.stage is not None
-    return plan.stage.blocks
 
 
 def plan_ranks(skeleton: Skeleton, ranks: Sequence[RankBudgets], options: PlanOptions) -> Stages:
@@ -323,7 +308,8 @@ def plan_ranks(skeleton: Skeleton, ranks: Sequence[RankBudgets], options: PlanOp
                 notes=budgets.notes,
             )
         except DoesNotFit as error:
-            raise shortfall(r, [skeleton.blocks[i].name for i in owned[r]], error) from None
+            names = [skeleton.blocks[i].name for i in owned[r]]
+            raise shortfall(r, names, with_margins(error, budgets)) from None
         plans.append(dataclasses.replace(own, stage=stage_of(skeleton, owned, r)))
     stage = plans[0].stage
     assert stage is not None

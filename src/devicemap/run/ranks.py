@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from ..errors import BadOption, RankFailed
+from ..errors import BadOption, RankFailed, RankMismatch
 
 TIMEOUT_ENV = "DEVICEMAP_RANK_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0  # seconds: a long prefill on a slow stage must fit in it
@@ -173,10 +173,46 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
-def share(value: Any, source: int = 0) -> Any:
-    """Rank `source`'s `value` (picklable) on every rank."""
+def share(value: Any, source: int = 0, *, timeout: float | None = None) -> Any:
+    """Rank `source`'s `value` (picklable) on every rank; `timeout` (seconds) replaces the
+    ranks' own for this wait (a chat waits on its user as long as it takes)."""
+    import pickle
+
     import torch.distributed as dist
 
-    box = [value if current().rank == source else None]
-    _guard(source, "share its input", lambda: dist.broadcast_object_list(box, source))
-    return box[0]
+    ranks = current()
+    wait = datetime.timedelta(seconds=timeout or ranks.timeout)
+    mine = ranks.rank == source
+    data = pickle.dumps(value) if mine else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+
+    def step(tensor: torch.Tensor) -> None:
+        dist.broadcast(tensor, source, async_op=True).wait(wait)
+
+    _guard(source, "share its input", lambda: step(size))
+    payload = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if mine
+        else torch.empty(int(size.item()), dtype=torch.uint8)
+    )
+    _guard(source, "share its input", lambda: step(payload))
+    return value if mine else pickle.loads(payload.numpy().tobytes())
+
+
+def agree(fields: Mapping[str, str]) -> None:
+    """RankMismatch on every rank unless all ranks started with the same `fields` (versions,
+    checkpoint, options): each difference named, with both values."""
+    every = gather(dict(fields))
+    base = every[0]
+    wrong = [
+        f"rank {r} has {key} {theirs.get(key)!r} where rank 0 has {base.get(key)!r}"
+        for r, theirs in enumerate(every[1:], 1)
+        for key in sorted(set(base) | set(theirs))
+        if base.get(key) != theirs.get(key)
+    ]
+    if wrong:
+        raise RankMismatch(
+            "the ranks did not start alike: " + "; ".join(wrong) + ". Start every rank with"
+            " the same devicemap, torch and transformers versions, the same model files and"
+            " the same options (only --max-memory, --gpus and the GPU margins may differ)"
+        )
