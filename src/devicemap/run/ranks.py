@@ -92,6 +92,7 @@ def join() -> Ranks:
                 " endpoint"
             ) from None
     _joined = Ranks(rank=dist.get_rank(), size=dist.get_world_size(), timeout=timeout)
+    _store()  # connected now, while every rank is alive
     return _joined
 
 
@@ -103,18 +104,32 @@ def current() -> Ranks:
 
 
 def leave() -> None:
-    """Leave the process group (after a clean run; a failed one just exits)."""
+    """Leave the process group after a clean run, once every rank is done (a rank that
+    exits first could take the rendezvous store, or data still in flight, with it); a
+    failed run just exits."""
     global _joined
     import torch.distributed as dist
 
     if dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
     _joined = None
 
 
+def barrier() -> None:
+    """Until every rank gets here (RankFailed after the timeout)."""
+    import torch.distributed as dist
+
+    _guard(None, "finish", lambda: _wait(dist.barrier(async_op=True)))
+
+
 def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1][:300] if text else type(error).__name__
+    """The error's last line without gloo's source location and advice."""
+    import re
+
+    lines = str(error).strip().splitlines()
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", lines[-1]) if lines else ""
+    return text.split(". This is typically")[0][:300] or type(error).__name__
 
 
 def _guard(peer: int | None, what: str, op: Callable[[], T]) -> T:
@@ -123,11 +138,64 @@ def _guard(peer: int | None, what: str, op: Callable[[], T]) -> T:
         return op()
     except RuntimeError as error:
         who = f"rank {peer}" if peer is not None else "another rank"
+        cause = _first_failure(ranks, peer)
         raise RankFailed(
             f"rank {ranks.rank}: {who} did not {what} within {ranks.timeout:.0f} s, or closed"
-            f" its connection ({_short(error)}): it died, hung or failed; see its output."
-            f" ({TIMEOUT_ENV} sets the timeout)"
+            f" its connection ({_short(error)}){cause}: it died, hung or failed; see its"
+            f" output. ({TIMEOUT_ENV} sets the timeout)"
         ) from None
+
+
+_REPORT = "devicemap/failed/"  # + rank: the rank it lost (-1: unknown), in the rendezvous store
+_REPORTS_S = 1.0  # seconds a failing rank waits for the others' reports
+
+
+def _first_failure(ranks: Ranks, peer: int | None) -> str:
+    """Where the failure began, from what every failing rank reports to the rendezvous store:
+    rank 0 may lose rank 2, which lost rank 1 (killed): the rank others lost that reported
+    nothing itself. "" when the store is gone too (it lives in rank 0 without torchrun)."""
+    import time
+
+    store = _store()
+    if store is None:
+        return ""
+    try:
+        store.set(f"{_REPORT}{ranks.rank}", str(-1 if peer is None else peer))
+        time.sleep(_REPORTS_S)
+        reports = {
+            r: int(store.get(f"{_REPORT}{r}"))
+            for r in range(ranks.size)
+            if store.check([f"{_REPORT}{r}"])
+        }
+    except (RuntimeError, ValueError):
+        return ""
+    lost = sorted({b for b in reports.values() if b >= 0 and b not in reports})
+    if not lost or lost == [peer]:
+        return ""
+    chain = ", ".join(f"rank {r} lost rank {b}" for r, b in sorted(reports.items()) if b >= 0)
+    return f"; the failure began at rank {', '.join(map(str, lost))} ({chain})"
+
+
+_client: Any = None
+
+
+def _store() -> Any:
+    """A client of the rendezvous store (torchrun's agent, or rank 0), or None."""
+    global _client
+    if _client is None:
+        import torch.distributed as dist
+
+        try:
+            _client = dist.TCPStore(  # type: ignore[attr-defined]
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=datetime.timedelta(seconds=5),
+                wait_for_workers=False,
+            )
+        except (KeyError, ValueError, RuntimeError):
+            return None
+    return _client
 
 
 def _wait(work: Any) -> None:
@@ -211,6 +279,7 @@ def agree(fields: Mapping[str, str]) -> None:
         if base.get(key) != theirs.get(key)
     ]
     if wrong:
+        barrier()  # every rank has every rank's fields: all of them say so, then exit
         raise RankMismatch(
             "the ranks did not start alike: " + "; ".join(wrong) + ". Start every rank with"
             " the same devicemap, torch and transformers versions, the same model files and"

@@ -1,0 +1,71 @@
+"""One rank of a pipeline test, through the Python API: join the ranks, plan the model
+over them (each rank's cpu budget exchanged), load this rank's stage, and write what it
+holds and computes to OUT/rank<N>.json.
+
+    python tests/pipeline_worker.py MODEL OUT [--mode generate|agree]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from devicemap.devices import CPU
+from devicemap.errors import RankMismatch
+from devicemap.load.loader import load
+from devicemap.model.skeleton import build_skeleton
+from devicemap.plan.options import PlanOptions
+from devicemap.plan.planner import RankBudgets
+from devicemap.plan.stages import plan_ranks
+from devicemap.run import ranks
+
+PROMPT = [[1, 5, 9, 3, 7, 11, 4]]
+SEED = 1234
+
+
+def main() -> None:
+    model, out = Path(sys.argv[1]), Path(sys.argv[2])
+    mode = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--mode" else "generate"
+    me = ranks.join()
+    if mode == "agree":  # a different devicemap version on odd ranks
+        try:
+            ranks.agree({"devicemap version": f"0.{me.rank % 2}", "dtype": "float32"})
+            result = {"error": None}
+        except RankMismatch as error:
+            result = {"error": str(error)}
+        (out / f"rank{me.rank}.json").write_text(json.dumps(result))
+        ranks.leave()
+        return
+    skeleton = build_skeleton(model)
+    budgets = ranks.gather(RankBudgets({CPU: 64 << 20}))
+    stages = plan_ranks(skeleton, budgets, PlanOptions(context=128))
+    plan = stages.plans[me.rank]
+    loaded = load(skeleton, plan, progress=False)
+    ids = torch.tensor(PROMPT)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = loaded(input_ids=ids, attention_mask=mask).logits
+        greedy = loaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        torch.manual_seed(SEED)
+        sampled = loaded.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0
+        )
+    result = {
+        "rank": me.rank,
+        "loaded": list(plan.device_map),
+        "real": [n for n, p in loaded.named_parameters() if not p.is_meta],
+        "meta": [n for n, p in loaded.named_parameters() if p.is_meta],
+        "logits": logits.tolist(),
+        "greedy": greedy.tolist(),
+        "sampled": sampled.tolist(),
+        "stages": stages.to_json()["stages"],
+    }
+    (out / f"rank{me.rank}.json").write_text(json.dumps(result))
+    ranks.leave()
+
+
+if __name__ == "__main__":
+    main()

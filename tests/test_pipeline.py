@@ -1,0 +1,342 @@
+"""Pipeline stages over torch.distributed: one plan over several ranks, each rank loading
+only its stage, generation in lockstep equal to one process; faults end every rank.
+
+The multi-rank tests start 2 or 3 local processes over gloo on 127.0.0.1 (tests/ranks.py
+sets the environment torchrun would), and one runs the real `torchrun --standalone`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from devicemap.devices import CPU, parse_device
+from devicemap.errors import DoesNotFit, PlanError
+from devicemap.model.skeleton import build_skeleton
+from devicemap.plan.options import PlanOptions
+from devicemap.plan.planner import Plan, RankBudgets, plan_from_json
+from devicemap.plan.stages import plan_ranks, units_of
+from ranks import PYTHON, Ranks, launch
+from test_generate import byte_tokenizer
+from tiny import make_tiny_chat
+
+WORKER = str(Path(__file__).parent / "pipeline_worker.py")
+CONFIGS = Path(__file__).parent / "data" / "configs"
+DEVICEMAP = [PYTHON, "-m", "devicemap"]
+PROMPT = [[1, 5, 9, 3, 7, 11, 4]]  # pipeline_worker.PROMPT
+SEED = 1234
+
+
+def cpu(size: int) -> RankBudgets:
+    return RankBudgets({CPU: size})
+
+
+# --- planning (pure) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "ranks"), [("llama", 2), ("llama", 3), ("mixtral", 3), ("gpt2", 4)]
+)
+def test_stages_are_contiguous_and_cover_the_model(
+    tiny_models: dict[str, Path], arch: str, ranks: int
+) -> None:
+    skeleton = build_skeleton(tiny_models[arch])
+    stages = plan_ranks(skeleton, [cpu(64 << 20)] * ranks, PlanOptions(context=64))
+    holders = [p.stage.holders for p in stages.plans if p.stage]
+    assert all(h == holders[0] for h in holders)  # every rank agrees who holds what
+    order = [holders[0][b.name] for b in skeleton.blocks]
+    assert order == sorted(order) and set(order) == set(range(ranks))  # contiguous, all used
+    layers = [u for u in units_of(skeleton) if u.layer]
+    for rank, plan in enumerate(stages.plans):
+        assert plan.stage is not None and plan.stage.rank == rank
+        mine = [u for u in layers if holders[0][skeleton.blocks[u.blocks[0]].name] == rank]
+        assert mine, f"rank {rank} holds no layer"
+        # it loads its own blocks, the weightless rotary tables, and nothing else but ties
+        extra = set(plan.device_map) - {n for n, r in holders[0].items() if r == rank}
+        tied = {n for group in skeleton.tied for n in group}
+        assert all(n in tied or n.endswith("rotary_emb") for n in extra), extra
+        assert set(plan.stage.remote).isdisjoint(plan.device_map)
+    assert stages.plans[0].stage and stages.plans[0].stage.entry is None
+    assert stages.plans[-1].stage and stages.plans[-1].stage.head == skeleton.output_block
+
+
+def test_a_tied_lm_head_is_loaded_with_its_embedding_on_the_last_rank(
+    tiny_models: dict[str, Path],
+) -> None:
+    skeleton = build_skeleton(tiny_models["gpt2"])  # transformer.wte is tied to lm_head
+    first, last = plan_ranks(skeleton, [cpu(64 << 20)] * 2, PlanOptions(context=64)).plans
+    assert "transformer.wte" in first.device_map and "lm_head" not in first.device_map
+    assert {"transformer.wte", "lm_head"} <= set(last.device_map)
+    assert first.stage and first.stage.remote["lm_head"] == "logits"
+
+
+def test_cuts_follow_each_ranks_memory(tiny_models: dict[str, Path]) -> None:
+    skeleton = build_skeleton(tiny_models["llama"])  # 4 layers of 145 KiB
+    even = plan_ranks(skeleton, [cpu(10 << 20), cpu(10 << 20)], PlanOptions(context=64))
+    uneven = plan_ranks(skeleton, [cpu(4 << 20), cpu(12 << 20)], PlanOptions(context=64))
+
+    def layers(plans: tuple[Plan, ...]) -> list[int]:
+        return [sum(n.startswith("model.layers.") for n in p.device_map) for p in plans]
+
+    assert layers(even.plans) == [2, 2]
+    assert layers(uneven.plans) == [1, 3]
+
+
+def test_seventy_b_over_four_ranks_what_if() -> None:
+    skeleton = build_skeleton(CONFIGS / "llama-3-70b")
+    ranks = [RankBudgets({parse_device(0): 24 << 30, CPU: 64 << 30})] * 4
+    stages = plan_ranks(skeleton, ranks, PlanOptions(context=4096))
+    text = stages.explain()
+    assert "stage 0 (rank 0): model.embed_tokens, model.rotary_emb, model.layers.0-" in text
+    assert "model.norm, lm_head" in text.splitlines()[4]
+    # 8192 hidden x bf16: 16 KiB per token per hop; 128256 vocab x bf16 of logits
+    assert "the hidden states, 16.00 KiB per token per sequence per hop (3 hops" in text
+    assert "250.50 KiB per sequence per step" in text
+    for plan in stages.plans:
+        assert all(u.used <= u.budget for u in plan.devices)
+        assert 19 <= sum(n.startswith("model.layers.") for n in plan.device_map) <= 21
+
+
+def test_a_rank_that_cannot_hold_its_stage_is_named(tiny_models: dict[str, Path]) -> None:
+    skeleton = build_skeleton(tiny_models["llama"])
+    with pytest.raises(
+        DoesNotFit,
+        match=r"^rank 1 \(stage model\.layers\.3, model\.norm, lm_head\): .* does not fit",
+    ):
+        plan_ranks(skeleton, [cpu(10 << 20), cpu(200 << 10)], PlanOptions(context=64))
+
+
+def test_what_cannot_be_cut(tiny_models: dict[str, Path]) -> None:
+    llama = build_skeleton(tiny_models["llama"])
+    with pytest.raises(PlanError, match="has 4 layers, fewer than the 5 ranks"):
+        plan_ranks(llama, [cpu(10 << 20)] * 5, PlanOptions(context=64))
+    with pytest.raises(PlanError, match="encoder-decoder"):
+        plan_ranks(build_skeleton(tiny_models["t5"]), [cpu(10 << 20)] * 2, PlanOptions(context=64))
+
+
+def test_a_stage_plan_round_trips_through_json(tiny_models: dict[str, Path]) -> None:
+    skeleton = build_skeleton(tiny_models["mixtral"])
+    stages = plan_ranks(skeleton, [cpu(64 << 20)] * 3, PlanOptions(context=64))
+    for plan in stages.plans:
+        assert plan_from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    damaged = stages.plans[1].to_json()
+    damaged["stage"]["remote"]["model.layers.0"] = "teleport"
+    with pytest.raises(PlanError, match=r"stage\.remote"):
+        plan_from_json(damaged)
+
+
+# --- the plan command's what-ifs -----------------------------------------------------------
+
+
+def devicemap(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DEVICEMAP, *args], capture_output=True, text=True, timeout=120, **kwargs
+    )
+
+
+def test_plan_ranks_what_if_explains_stages_and_bytes() -> None:
+    budgets = ["--max-memory", "0=24GiB", "--max-memory", "cpu=64GiB"]
+    result = devicemap("plan", str(CONFIGS / "llama-3-70b"), "--ranks", "4", *budgets, "--explain")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("rank 3:") >= 1 and "stage 3 (rank 3):" in out
+    assert "per generated token (batch 1): 48.00 KiB of hidden states" in out
+    data = json.loads(
+        devicemap("plan", str(CONFIGS / "llama-3-70b"), "--ranks", "4", *budgets, "--json").stdout
+    )
+    assert data["ranks"] == 4 and [s["rank"] for s in data["stages"]] == [0, 1, 2, 3]
+    assert data["stages"][3]["blocks"][-2:] == ["model.norm", "lm_head"]
+
+
+def test_plan_rank_budgets_file(tmp_path: Path) -> None:
+    file = tmp_path / "ranks.json"
+    file.write_text(json.dumps([{"0": "24GiB", "cpu": "64GiB"}, {"0": "80GiB", "cpu": "64GiB"}]))
+    result = devicemap("plan", str(CONFIGS / "llama-3-70b"), "--rank-budgets", str(file), "--json")
+    assert result.returncode == 0, result.stderr
+    small, big = (len(s["blocks"]) for s in json.loads(result.stdout)["stages"])
+    assert big > small  # the 80 GiB GPU takes the larger share
+    file.write_text('[{"cpu": "lots"}]')
+    bad = devicemap("plan", str(CONFIGS / "llama-3-70b"), "--rank-budgets", str(file))
+    assert bad.returncode == 1 and bad.stderr.startswith(f"error: --rank-budgets {file}: rank 0")
+    both = devicemap(
+        "plan", str(CONFIGS / "llama-3-70b"), "--ranks", "2", "--rank-budgets", str(file)
+    )
+    assert both.returncode == 1 and "not both" in both.stderr
+
+
+# --- several ranks over gloo -----------------------------------------------------------------
+
+
+def reference(directory: Path) -> dict[str, torch.Tensor]:
+    """One process, plain transformers: logits, greedy tokens, seeded sampled tokens."""
+    model = tf.AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = torch.tensor(PROMPT)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        torch.manual_seed(SEED)
+        sampled = model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0
+        )
+    return {"logits": logits, "greedy": greedy, "sampled": sampled}
+
+
+@pytest.mark.parametrize(
+    ("arch", "size"), [("llama", 2), ("mixtral", 3), ("gpt2", 2), ("mistral", 3), ("qwen2_moe", 2)]
+)
+def test_ranks_compute_what_one_process_computes(
+    tiny_models: dict[str, Path], tmp_path: Path, arch: str, size: int
+) -> None:
+    model = tiny_models[arch]
+    argv = [[PYTHON, WORKER, str(model), str(tmp_path)]] * size
+    results = launch(argv, tmp_path, timeout=60)
+    for r in results:
+        assert r.returncode == 0, f"rank {r.rank}:\n{r.stderr[-3000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(size)]
+    expected = reference(model)
+    for got in ranks:  # every rank: the same logits and tokens as one process
+        assert torch.equal(torch.tensor(got["logits"]), expected["logits"]), got["rank"]
+        assert got["greedy"] == expected["greedy"].tolist()
+        assert got["sampled"] == expected["sampled"].tolist()
+    # each rank materialises only its own blocks; together they hold every weight
+    names = {n for n, _ in tf.AutoModelForCausalLM.from_pretrained(model).named_parameters()}
+    held: set[str] = set()
+    for got in ranks:
+        loaded = got["loaded"]
+        assert got["real"], got["rank"]
+        for name in got["real"]:
+            assert any(name == b or name.startswith(b + ".") for b in loaded), name
+        assert len(got["real"]) < len(names)  # not the whole model
+        held |= set(got["real"])
+    experts = {n for n in names if ".experts." in n}  # kept as per-expert checkpoint pieces
+    assert names - experts <= held
+
+
+def test_mismatched_versions_are_refused_on_every_rank(tmp_path: Path, tiny_models) -> None:
+    argv = [[PYTHON, WORKER, str(tiny_models["llama"]), str(tmp_path), "--mode", "agree"]] * 3
+    for r in launch(argv, tmp_path, timeout=60):
+        assert r.returncode == 0, r.stderr
+    for rank in range(3):
+        error = json.loads((tmp_path / f"rank{rank}.json").read_text())["error"]
+        assert error.startswith("the ranks did not start alike: rank 1 has devicemap version '0.1'")
+        assert "rank 2" not in error  # rank 2 has rank 0's
+
+
+# --- the CLI under several ranks -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_chat(tmp_path_factory.mktemp("pipe") / "llama", byte_tokenizer())
+
+
+RUN = ["run", "-p", "The capital of France is", "--raw", "--max-new-tokens", "8"]
+
+
+def test_run_over_two_ranks_prints_what_one_process_prints(
+    chat_model: Path, tmp_path: Path
+) -> None:
+    single = devicemap(*RUN, str(chat_model))
+    assert single.returncode == 0, single.stderr
+    results = launch([[*DEVICEMAP, *RUN, str(chat_model)]] * 2, tmp_path, timeout=60)
+    assert [r.returncode for r in results] == [0, 0], results[1].stderr
+    assert results[0].stdout == single.stdout and single.stdout.strip()
+    assert results[1].stdout == ""  # rank 0 prints
+    assert "rank 1 of 2:" in results[1].stderr
+
+
+def test_run_json_per_rank_lists_its_blocks(chat_model: Path, tmp_path: Path) -> None:
+    argv = [[*DEVICEMAP, *RUN, str(chat_model), "--json"]] * 3
+    results = launch(argv, tmp_path, timeout=60)
+    assert [r.returncode for r in results] == [0, 0, 0], results[2].stderr
+    data = [json.loads(r.stdout) for r in results]
+    assert [d["rank"] for d in data] == [0, 1, 2]
+    assert len({d["reply"] for d in data}) == 1
+    assert [s["blocks"] for s in data[0]["stages"]] == [d["blocks"] for d in data]
+    assert data[0]["blocks"][0] == "model.embed_tokens" and data[2]["blocks"][-1] == "lm_head"
+    assert "model.layers.0" not in data[1]["blocks"] and "lm_head" not in data[1]["blocks"]
+
+
+def test_a_mismatched_checkpoint_is_refused_at_start_up(chat_model: Path, tmp_path: Path) -> None:
+    other = make_tiny_chat(tmp_path / "other", byte_tokenizer(), seed=7)  # same shapes
+    argv = [[*DEVICEMAP, *RUN, str(chat_model)], [*DEVICEMAP, *RUN, str(other)]]
+    results = launch(argv, tmp_path, timeout=60)
+    for r in results:
+        assert r.returncode == 1
+        assert "error: the ranks did not start alike: rank 1 has weights" in r.stderr
+    assert all("loaded in" not in r.stderr for r in results)  # before any weight is read
+
+
+LONG = ["run", "-p", "hello", "--raw", "--max-new-tokens", "400"]
+
+
+def test_a_killed_rank_makes_the_others_fail_fast(chat_model: Path, tmp_path: Path) -> None:
+    argv = [[*DEVICEMAP, *LONG, str(chat_model)]] * 3
+    with Ranks(argv, tmp_path, timeout=60) as ranks:
+        ranks.wait_for(1, "loaded in")
+        ranks.signal(1, signal.SIGKILL)
+        start = time.monotonic()
+        results = ranks.wait(timeout=60)
+    assert time.monotonic() - start < 20  # not the 60 s timeout: the connection closed
+    for r in (results[0], results[2]):
+        assert r.returncode == 1, r.stderr
+        assert "Traceback" not in r.stderr
+    # rank 2 lost rank 1; rank 0 lost rank 1, or rank 2 and then learns where it began
+    assert "error: rank 2: rank 1 did not send the hidden states" in results[2].stderr
+    first = results[0].stderr
+    assert "rank 1 did not" in first or "the failure began at rank 1 (" in first, first
+
+
+def test_a_hung_rank_makes_the_others_fail_within_the_timeout(
+    chat_model: Path, tmp_path: Path
+) -> None:
+    argv = [[*DEVICEMAP, *LONG, str(chat_model)]] * 2
+    with Ranks(argv, tmp_path, timeout=4) as ranks:
+        ranks.wait_for(1, "loaded in")
+        ranks.signal(1, signal.SIGSTOP)
+        start = time.monotonic()
+        ranks.procs[0].wait(timeout=60)
+        took = time.monotonic() - start
+        first = ranks.result(0)
+    assert first.returncode == 1, first.stderr
+    assert "rank 1 did not" in first.stderr and "within 4 s" in first.stderr
+    assert took < 30
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(PYTHON).parent)) is None, reason="no torchrun"
+)
+def test_torchrun_standalone_run_equals_one_process(chat_model: Path) -> None:
+    torchrun = str(Path(PYTHON).parent / "torchrun")
+    single = devicemap(*RUN, str(chat_model))
+    both = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "devicemap",
+            *RUN,
+            str(chat_model),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert both.stdout == single.stdout
+
+
+def test_not_launched_by_torchrun_is_one_process(chat_model: Path) -> None:
+    result = devicemap(*RUN, str(chat_model), env={**os.environ, "WORLD_SIZE": "1"})
+    assert result.returncode == 0 and "rank" not in result.stderr
