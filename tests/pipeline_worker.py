@@ -21,8 +21,10 @@ from devicemap.plan.options import PlanOptions
 from devicemap.plan.planner import RankBudgets
 from devicemap.plan.stages import plan_ranks
 from devicemap.run import ranks
+from devicemap.run.pipeline import generate_micro_batches
 
 PROMPT = [[1, 5, 9, 3, 7, 11, 4]]
+MICRO = [[[8, 6, 7, 5, 3, 0, 9]], [[2, 7, 1, 8, 2, 8]]]
 SEED = 1234
 
 
@@ -53,8 +55,16 @@ def main() -> None:
         sampled = loaded.generate(
             ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0
         )
+        # two micro-batches side by side (one lane each), each its own prompt
+        micro = generate_micro_batches(
+            loaded,
+            [dict(input_ids=torch.tensor(p), attention_mask=torch.ones(1, len(p[0]))) for p in MICRO],
+            max_new_tokens=8,
+            do_sample=False,
+        )
     result = {
         "rank": me.rank,
+        "micro": [m.tolist() for m in micro],
         "loaded": list(plan.device_map),
         "real": [n for n, p in loaded.named_parameters() if not p.is_meta],
         "meta": [n for n, p in loaded.named_parameters() if p.is_meta],

@@ -31,7 +31,8 @@ from tiny import make_tiny_chat
 WORKER = str(Path(__file__).parent / "pipeline_worker.py")
 CONFIGS = Path(__file__).parent / "data" / "configs"
 DEVICEMAP = [PYTHON, "-m", "devicemap"]
-PROMPT = [[1, 5, 9, 3, 7, 11, 4]]  # pipeline_worker.PROMPT
+PROMPT = [[1, 5, 9, 3, 7, 11, 4]]  # pipeline_worker.PROMPT and MICRO
+MICRO = [[[8, 6, 7, 5, 3, 0, 9]], [[2, 7, 1, 8, 2, 8]]]
 SEED = 1234
 
 
@@ -187,7 +188,11 @@ def reference(directory: Path) -> dict[str, torch.Tensor]:
         sampled = model.generate(
             ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0
         )
-    return {"logits": logits, "greedy": greedy, "sampled": sampled}
+        micro = [
+            model.generate(torch.tensor(p), max_new_tokens=8, do_sample=False).tolist()
+            for p in MICRO
+        ]
+    return {"logits": logits, "greedy": greedy, "sampled": sampled, "micro": micro}
 
 
 @pytest.mark.parametrize(
@@ -207,6 +212,7 @@ def test_ranks_compute_what_one_process_computes(
         assert torch.equal(torch.tensor(got["logits"]), expected["logits"]), got["rank"]
         assert got["greedy"] == expected["greedy"].tolist()
         assert got["sampled"] == expected["sampled"].tolist()
+        assert got["micro"] == expected["micro"]  # micro-batches side by side, each its own
     # each rank materialises only its own blocks; together they hold every weight
     names = {n for n, _ in tf.AutoModelForCausalLM.from_pretrained(model).named_parameters()}
     held: set[str] = set()

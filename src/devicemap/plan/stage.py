@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from ..errors import PlanError
 
-Role = Literal["zeros", "meta", "logits"]
-ROLES: tuple[Role, ...] = ("zeros", "meta", "logits")
+Role = Literal["skip", "zeros", "meta", "logits"]
+ROLES: tuple[Role, ...] = ("skip", "zeros", "meta", "logits")
 
 
 @dataclass(frozen=True)

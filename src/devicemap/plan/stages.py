@@ -17,10 +17,13 @@ loaded on both ranks that use it.
 Each rank's Plan carries its `Stage`: which blocks other ranks hold (left on meta here),
 and what run/pipeline.py does at each of them:
 
+    "skip"    a decoder layer held elsewhere: a stand-in takes its place here, passes its
+              input through and records its tokens in this rank's KV cache with zero-width
+              keys, so cache lengths, masks and positions stay in step (no compute)
     "zeros"   a block before the first cut held by rank 0 (embeddings): its output is
               zeros here, so masks and positions are computed locally from real tensors
-    "meta"    a layer or tail block held elsewhere: runs on meta tensors (shapes only,
-              microseconds), which keeps this rank's cache lengths in step
+    "meta"    a block after the last layer held by the last rank (the final norm): runs
+              on meta tensors (shapes only)
     "logits"  the LM head, held by the last rank: its output is the last rank's logits,
               broadcast, so every rank's `generate` picks the same next token
 """
@@ -150,7 +153,7 @@ def stage_of(skeleton: Skeleton, owned: Sequence[tuple[int, ...]], rank: int) ->
         elif k < first_layer:
             remote[unit.module] = "zeros"
         else:
-            remote[unit.module] = "meta"
+            remote[unit.module] = "skip" if unit.layer else "meta"
     itemsize = skeleton.dtype.itemsize
     text = skeleton.config.get_text_config(decoder=True)
     vocab = int(getattr(text, "vocab_size", 0) or 0)

@@ -31,13 +31,13 @@ import functools
 import gc
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from ..devices import Device, parse_device
 from ..errors import CheckpointChanged, LoadError, PlanError, UnknownDevice
@@ -113,14 +113,26 @@ class _Dispatched:
     """Everything dispatch attached to one model; release() undoes all of it."""
 
     layout: Layout
-    mover: Mover
-    handles: list[RemovableHandle] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)  # RemovableHandles, pipeline stand-ins
     offloads: list[Offload] = field(default_factory=list)
     shims: list[torch.nn.Module] = field(default_factory=list)  # modules given an `_hf_hook`
-    depth: int = 0  # nesting of entry modules (model -> encoder)
     # files the weights are pages of -> their identity at load (checked per forward)
     watched: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
-    input_device: torch.device | None = None
+    # one forward's state, per thread: pipeline micro-batches run forwards side by side
+    forward: _Forward = field(default_factory=lambda: _Forward())
+
+    @property
+    def mover(self) -> Mover:
+        return self.forward.mover
+
+
+class _Forward(threading.local):
+    """The forward in progress on this thread: entry nesting, the caller's device, moves."""
+
+    def __init__(self) -> None:
+        self.depth = 0  # nesting of entry modules (model -> encoder)
+        self.input_device: torch.device | None = None
+        self.mover = Mover()
 
 
 class _HfHookShim:
@@ -177,7 +189,7 @@ def attach(
     modules = _resolve(model, layout)
     _check_storage(model, modules, layout)
     hooked = boundaries(layout) if hooked is None else hooked
-    state = _Dispatched(layout=layout, mover=Mover(), watched=_identities(watch))
+    state = _Dispatched(layout=layout, watched=_identities(watch))
     if state.watched:
         _report_faults()  # a page of a file cut short under it: a SIGBUS, reported
     model.__dict__[_STATE] = state
@@ -372,15 +384,16 @@ def _home(entry: torch.nn.Module, modules: Mapping[str, torch.nn.Module], layout
 def _enter(
     state: _Dispatched, home: torch.device, module: Any, args: Any, kwargs: Any
 ) -> tuple[Any, Any] | None:
-    if state.depth == 0:
+    now = state.forward
+    if now.depth == 0:
         _check_files(state.watched)
-    state.depth += 1
-    if state.depth == 1:
-        state.mover.reset()
-        state.input_device = first_device(args, kwargs)
+    now.depth += 1
+    if now.depth == 1:
+        now.mover.reset()
+        now.input_device = first_device(args, kwargs)
         for offload in state.offloads:
             offload.begin()
-    return _moved(state.mover, home, args, kwargs)
+    return _moved(now.mover, home, args, kwargs)
 
 
 def _report_faults() -> None:
@@ -424,12 +437,13 @@ def _check_files(watched: Mapping[str, tuple[int, int, int, int]]) -> None:
 
 
 def _leave(state: _Dispatched, module: Any, args: Any, output: Any) -> Any:
-    state.depth -= 1
-    if state.depth > 0:
+    now = state.forward
+    now.depth -= 1
+    if now.depth > 0:
         return None
-    device, state.input_device = state.input_device, None
-    moved = None if device is None or output is None else state.mover.move(output, device)
-    state.mover.reset()
+    device, now.input_device = now.input_device, None
+    moved = None if device is None or output is None else now.mover.move(output, device)
+    now.mover.reset()
     return None if moved is output else moved
 
 
@@ -444,12 +458,11 @@ def _hook_block(
     if not (move or off):
         return
     device = state.layout.execution[name].torch()
-    mover = state.mover
 
     def pre(mod: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         if off is not None:
             off.enter(name)
-        return _moved(mover, device, args, kwargs) if move else None
+        return _moved(state.mover, device, args, kwargs) if move else None
 
     state.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
     if isinstance(off, GpuStreamer) or (isinstance(off, PagePrefetcher) and off.streams(name)):

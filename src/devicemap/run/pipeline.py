@@ -18,13 +18,14 @@ Only the hidden states of the boundary and the logits cross; nothing is re-sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
-from ..errors import RankError
+from ..errors import PlanError, RankError
 from ..model.skeleton import is_experts
 from ..plan.stage import Stage
 from . import experts, ranks
@@ -34,13 +35,16 @@ Hook = Callable[..., Any]
 
 def attach(
     model: torch.nn.Module, stage: Stage, home: torch.device, devices: Mapping[str, torch.device]
-) -> list[RemovableHandle]:
+) -> list[Any]:
     """Hook `model` for its rank's stage; `home`: where this rank's inputs are, `devices`:
     module -> where it runs (for the received hidden states). Returns the handles."""
-    handles: list[RemovableHandle] = []
+    handles: list[Any] = []
     has_experts = False
     for name, role in stage.remote.items():
         module = model.get_submodule(name)
+        if role == "skip":
+            handles.append(_stand_in(model, name, module))
+            continue
         has_experts |= any(is_experts(m) for m in module.modules())
         handles.append(module.register_forward_pre_hook(_to_meta, with_kwargs=True, prepend=True))
         if role == "zeros":
@@ -60,6 +64,65 @@ def attach(
     if has_experts:  # its meta tensors give a remote MoE layer's output shape
         experts.select(model)
     return handles
+
+
+class RemoteLayer(torch.nn.Module):
+    """Stands in for a decoder layer another rank holds (its weights are not here): returns
+    its input hidden states as they are, and appends its tokens to this rank's KV cache as
+    zero-width keys and values, so the cache's lengths (which masks and positions are
+    computed from) are what the real layer would have made them. No compute, no memory."""
+
+    def __init__(self, layer: torch.nn.Module, index: int | None):
+        super().__init__()
+        self.index = index  # the layer's slot in the cache (None: it keeps none)
+        self.__dict__["held_elsewhere"] = layer  # the real (meta) layer, put back on release
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden, _ = _hidden(args, kwargs)
+        cache = _cache_in(args, kwargs)
+        if cache is not None and self.index is not None:
+            batch, tokens = hidden.shape[0], hidden.shape[1]
+            device = torch.device("cpu") if hidden.is_meta else hidden.device
+            empty = torch.empty(batch, 1, tokens, 0, dtype=hidden.dtype, device=device)
+            cache.update(empty, empty, self.index)
+        return hidden
+
+
+class _Swap:
+    """Puts a layer back in its parent's place (the handle release() removes)."""
+
+    def __init__(self, parent: torch.nn.Module, leaf: str, original: torch.nn.Module):
+        self.parent, self.leaf, self.original = parent, leaf, original
+
+    def remove(self) -> None:
+        self.parent._modules[self.leaf] = self.original
+
+
+def _stand_in(model: torch.nn.Module, name: str, layer: torch.nn.Module) -> _Swap:
+    path, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(path)
+    parent._modules[leaf] = RemoteLayer(layer, _layer_index(layer, leaf))
+    return _Swap(parent, leaf, layer)
+
+
+def _layer_index(layer: torch.nn.Module, leaf: str) -> int | None:
+    """The cache slot the layer writes: its attention's layer_idx, else its list position."""
+    for module in layer.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int):
+            return index
+    return int(leaf) if leaf.isdigit() else None
+
+
+def _cache_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    from transformers.cache_utils import Cache, EncoderDecoderCache
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, EncoderDecoderCache):
+            return value.self_attention_cache
+        if isinstance(value, Cache):
+            return value
+    return None
 
 
 def _meta(value: Any) -> Any:
@@ -154,3 +217,50 @@ def _received_logits(stage: Stage, home: torch.device) -> Hook:
         return _real(output, lambda t: ranks.broadcast(t, last).to(home))
 
     return hook
+
+
+# --- micro-batches ----------------------------------------------------------------------
+
+
+def generate_micro_batches(
+    model: Any, batches: Sequence[Mapping[str, Any]], **options: Any
+) -> list[Any]:
+    """`model.generate(**batch, **options)` for each micro-batch, side by side: one thread
+    and one lane (process group) each, so while the last stage computes one micro-batch
+    the first computes the next; at batch 1 per stage only one stage works at a time.
+    Every rank calls it with the same micro-batches (rank 0 shares them), in the same order.
+    PlanError when a stage streams offloaded weights: one forward at a time reads them."""
+    plan = getattr(model, "devicemap_plan", None)
+    if plan is not None and len(batches) > 1 and _streams(plan):
+        raise PlanError(
+            "micro-batches run several forwards at once, and this stage streams offloaded"
+            " weights (disk, or stored off the device that runs them), which one forward at a"
+            " time reads: give each rank the memory to hold its stage, or one micro-batch"
+        )
+    if ranks.launched():
+        ranks.open_lanes(len(batches))
+    results: list[Any] = [None] * len(batches)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            with ranks.lane(index) if ranks.launched() else contextlib.nullcontext():
+                results[index] = model.generate(**batches[index], **options)
+        except BaseException as error:  # raised in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _streams(plan: Any) -> bool:
+    return any(
+        where == "disk" or plan.exec_map.get(block, where) != where
+        for block, where in plan.device_map.items()
+    )

@@ -10,15 +10,17 @@ so no rank waits forever.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from ..errors import BadOption, RankFailed, RankMismatch
+from ..errors import BadOption, RankError, RankFailed, RankMismatch
 
 TIMEOUT_ENV = "DEVICEMAP_RANK_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0  # seconds: a long prefill on a slow stage must fit in it
@@ -39,6 +41,8 @@ class Ranks:
 
 
 _joined: Ranks | None = None
+# bytes this rank has sent: hidden states to the next rank, logits it broadcast (benchmarks)
+sent: dict[str, int] = {"hidden": 0, "logits": 0}
 
 
 def world_size() -> int:
@@ -198,6 +202,40 @@ def _store() -> Any:
     return _client
 
 
+# --- lanes: micro-batches side by side --------------------------------------------------
+
+_lanes: list[Any] = [None]  # a process group per lane; lane 0 is the default group
+_here = threading.local()  # .lane: the lane this thread's forwards use
+
+
+def open_lanes(count: int) -> None:
+    """At least `count` lanes, one process group each, so micro-batches running side by side
+    (one thread each) never mix their messages. Every rank calls it with the same count."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=current().timeout)
+    while len(_lanes) < count:
+        group = _guard(None, "open a lane", lambda: dist.new_group(backend="gloo", timeout=timeout))
+        _lanes.append(group)
+
+
+@contextlib.contextmanager
+def lane(index: int) -> Iterator[None]:
+    """This thread's messages go through lane `index` (open_lanes first)."""
+    if index >= len(_lanes):
+        raise RankError(f"lane {index} is not open; call open_lanes({index + 1}) on every rank")
+    before = getattr(_here, "lane", 0)
+    _here.lane = index
+    try:
+        yield
+    finally:
+        _here.lane = before
+
+
+def _group() -> Any:
+    return _lanes[getattr(_here, "lane", 0)]
+
+
 def _wait(work: Any) -> None:
     work.wait(datetime.timedelta(seconds=current().timeout))
 
@@ -207,7 +245,8 @@ def send(tensor: torch.Tensor, to: int) -> None:
     import torch.distributed as dist
 
     data = tensor.detach().to("cpu").contiguous()
-    _guard(to, "receive the hidden states", lambda: _wait(dist.isend(data, to)))
+    _guard(to, "receive the hidden states", lambda: _wait(dist.isend(data, to, group=_group())))
+    sent["hidden"] += data.nbytes
 
 
 def recv(like: torch.Tensor, source: int) -> torch.Tensor:
@@ -215,7 +254,7 @@ def recv(like: torch.Tensor, source: int) -> torch.Tensor:
     import torch.distributed as dist
 
     out = torch.empty(like.shape, dtype=like.dtype)
-    _guard(source, "send the hidden states", lambda: _wait(dist.irecv(out, source)))
+    _guard(source, "send the hidden states", lambda: _wait(dist.irecv(out, source, group=_group())))
     return out
 
 
@@ -225,9 +264,11 @@ def broadcast(tensor: torch.Tensor, source: int) -> torch.Tensor:
 
     if current().rank == source:
         data = tensor.detach().to("cpu").contiguous()
+        sent["logits"] += data.nbytes * (current().size - 1)
     else:
         data = torch.empty(tensor.shape, dtype=tensor.dtype)
-    _guard(source, "send the logits", lambda: _wait(dist.broadcast(data, source, async_op=True)))
+    work = lambda: _wait(dist.broadcast(data, source, group=_group(), async_op=True))  # noqa: E731
+    _guard(source, "send the logits", work)
     return data
 
 
