@@ -58,7 +58,10 @@ def main() -> None:
         # two micro-batches side by side (one lane each), each its own prompt
         micro = generate_micro_batches(
             loaded,
-            [dict(input_ids=torch.tensor(p), attention_mask=torch.ones(1, len(p[0]))) for p in MICRO],
+            [
+                dict(input_ids=torch.tensor(p), attention_mask=torch.ones(1, len(p[0])))
+                for p in MICRO
+            ],
             max_new_tokens=8,
             do_sample=False,
         )

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PYTHON = sys.executable
 
@@ -33,7 +34,16 @@ class Result:
 class Ranks:
     """`size` processes running `argv(rank)`; always cleaned up by `close` (a context)."""
 
-    def __init__(self, argv: list[list[str]], directory: Path, *, timeout: float = 30, env=None):
+    def __init__(
+        self,
+        argv: list[list[str]],
+        directory: Path,
+        *,
+        timeout: float = 30,
+        env=None,
+        stdin: bytes | None = None,
+    ):
+        """`stdin`: what rank 0 reads (the others read nothing, as under torchrun)."""
         self.directory = directory
         port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -54,10 +64,12 @@ class Ranks:
             }
             out = open(directory / f"stdout.{rank}", "wb")  # noqa: SIM115 - closed in close()
             err = open(directory / f"stderr.{rank}", "wb")  # noqa: SIM115
+            source: Any = subprocess.DEVNULL
+            if rank == 0 and stdin is not None:
+                (directory / "stdin").write_bytes(stdin)
+                source = open(directory / "stdin", "rb")  # noqa: SIM115
             self.procs.append(
-                subprocess.Popen(
-                    args, stdout=out, stderr=err, env=environ, stdin=subprocess.DEVNULL
-                )
+                subprocess.Popen(args, stdout=out, stderr=err, env=environ, stdin=source)
             )
             out.close()
             err.close()

@@ -282,6 +282,18 @@ def test_a_mismatched_checkpoint_is_refused_at_start_up(chat_model: Path, tmp_pa
     assert all("loaded in" not in r.stderr for r in results)  # before any weight is read
 
 
+def test_chat_over_ranks_answers_as_one_process(chat_model: Path, tmp_path: Path) -> None:
+    messages = b"hi there\n/reset\nwhat now?\n/help\nand then?\n"
+    chat = ["chat", str(chat_model), "--max-new-tokens", "6"]
+    single = devicemap(*chat, input=messages.decode())
+    assert single.returncode == 0, single.stderr
+    with Ranks([[*DEVICEMAP, *chat]] * 3, tmp_path, timeout=60, stdin=messages) as ranks:
+        results = ranks.wait(timeout=120)
+    assert [r.returncode for r in results] == [0, 0, 0], results[1].stderr
+    assert results[0].stdout == single.stdout and single.stdout.count("\n") == 3
+    assert results[1].stdout == results[2].stdout == ""
+
+
 LONG = ["run", "-p", "hello", "--raw", "--max-new-tokens", "400"]
 
 

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated, Any
@@ -602,9 +602,14 @@ def chat_command(
     """
     with command_errors():
         from ..run.generate import Chat
+        from .ranked import joined, seeded, shared_input
 
         sampling = sampling_choices.sampling()
-        with session(ctx, planning, *open_model(model, planning, plan_file=plan_file)) as s:
+        ranks = joined()  # torchrun: rank 0 reads each message and shares it
+        if ranks is not None:
+            sampling = shared_input(ranks, seeded(sampling))
+        opened = open_model(model, planning, plan_file=plan_file)
+        with session(ctx, planning, *opened, ranks=ranks) as s:
             s.load()
             chat = Chat(
                 s.model,
@@ -614,8 +619,41 @@ def chat_command(
                 context=s.plan.options.context,
                 limit=s.skeleton.max_positions,
             )
-            status = converse(chat, tty=sys.stdin.isatty())
+            if ranks is None:
+                status = converse(chat, tty=sys.stdin.isatty())
+            elif ranks.rank == 0:
+                status = converse(chat, tty=sys.stdin.isatty(), read=_read_and_share)
+            else:
+                status = converse(chat, tty=False, read=_shared_message, show=False)
+        if ranks is not None:
+            from ..run.ranks import leave
+
+            leave()
     raise typer.Exit(status)
+
+
+CHAT_IDLE_S = 7 * 24 * 3600.0  # how long the other ranks wait for rank 0's next message
+
+
+def _read_and_share(tty: bool) -> str | None:
+    """Rank 0: the next message, shared with every rank (None, the end, on Ctrl-C too)."""
+    from ..run.ranks import share
+
+    try:
+        message = read_message(tty)
+    except KeyboardInterrupt:
+        share(None, 0, timeout=CHAT_IDLE_S)
+        raise
+    share(message, 0, timeout=CHAT_IDLE_S)
+    return message
+
+
+def _shared_message(tty: bool) -> str | None:
+    """The other ranks: rank 0's next message, waiting as long as its user takes."""
+    from ..run.ranks import share
+
+    message: str | None = share(None, 0, timeout=CHAT_IDLE_S)
+    return message
 
 
 CHAT_HELP = """\
@@ -628,16 +666,26 @@ line and recall earlier messages."""
 _FENCE = '"""'  # opens and closes a multi-line message, as in ollama
 
 
-def converse(chat: Chat, *, tty: bool) -> int:
+def converse(
+    chat: Chat,
+    *,
+    tty: bool,
+    read: Callable[[bool], str | None] | None = None,
+    show: bool = True,
+) -> int:
     """Read messages until /exit or end of input; return the exit status. A message that is
-    not valid UTF-8 is answered with U+FFFD for its bad bytes, after a warning."""
-    read_undecodable_stdin()
+    not valid UTF-8 is answered with U+FFFD for its bad bytes, after a warning. `read`
+    replaces reading stdin (ranks share rank 0's messages); without `show` nothing is
+    written (the other ranks of a chat follow rank 0's)."""
+    read = read or read_message
+    if show:
+        read_undecodable_stdin()
     if tty:
         _line_editing()
         stderr.print("type a message; /help lists the commands, /exit (or Ctrl-D) ends")
     while True:
         try:
-            message = read_message(tty)
+            message = read(tty)
         except KeyboardInterrupt:  # at the prompt: leave quietly
             sys.stdout.write("\n")
             return INTERRUPTED
@@ -648,13 +696,16 @@ def converse(chat: Chat, *, tty: bool) -> int:
             return 0
         if command in ("/reset", "/clear"):
             chat.reset()
-            stderr.print("[history cleared]")
+            if show:
+                stderr.print("[history cleared]")
         elif command in ("/help", "/?"):
-            stderr.print(CHAT_HELP)
+            if show:
+                stderr.print(CHAT_HELP)
         elif re.fullmatch(r"/[A-Za-z?]+", command):
-            stderr.print(f"unknown command {command}; /help lists them")
+            if show:
+                stderr.print(f"unknown command {command}; /help lists them")
         elif command:
-            answer(chat, valid_text(message.strip(), "the message"))
+            answer(chat, valid_text(message.strip(), "the message"), show=show)
 
 
 def _line_editing() -> None:
@@ -705,14 +756,19 @@ def _read_line(tty: bool, prompt: str) -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
-def answer(chat: Chat, text: str) -> None:
+def answer(chat: Chat, text: str, *, show: bool = True) -> None:
     """Stream one reply; a prompt the model cannot take (past the context, refused by the chat
-    template, empty) is reported and the session goes on."""
+    template, empty) is reported and the session goes on. Without `show`, silently."""
     try:
         stream = chat.send(text)
     except DevicemapError as error:  # ContextTooLong, TemplateError, an empty prompt
         hint = "; /reset starts a new conversation" if isinstance(error, ContextTooLong) else ""
-        stderr.print(f"error: {error}{hint}")
+        if show:
+            stderr.print(f"error: {error}{hint}")
+        return
+    if not show:
+        with stream:
+            stream.reply  # noqa: B018 - generated to the end, in step with rank 0
         return
     if not echo_stream(stream):
         stderr.print("[interrupted]")
