@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from devicemap.model.skeleton import build_skeleton
 from devicemap.plan.options import PlanOptions
 from devicemap.plan.planner import Plan, RankBudgets, plan_from_json
 from devicemap.plan.stages import plan_ranks, units_of
-from ranks import PYTHON, Ranks, launch
+from ranks import PYTHON, Ranks, free_port, launch
 from test_generate import byte_tokenizer
 from tiny import make_tiny_chat
 
@@ -292,6 +293,67 @@ def test_chat_over_ranks_answers_as_one_process(chat_model: Path, tmp_path: Path
     assert [r.returncode for r in results] == [0, 0, 0], results[1].stderr
     assert results[0].stdout == single.stdout and single.stdout.count("\n") == 3
     assert results[1].stdout == results[2].stdout == ""
+
+
+def completions(port: int, prompts: list[str], **options: Any) -> list[str]:
+    """The /v1/completions texts of `prompts`, sent together (one thread each)."""
+    import http.client
+    import threading
+
+    texts = [""] * len(prompts)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/v1/models")
+    model = json.loads(conn.getresponse().read())["data"][0]["id"]
+    conn.close()
+
+    def ask(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        body = {"model": model, "prompt": prompts[i], "max_tokens": 8, **options}
+        conn.request(
+            "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        reply = json.loads(conn.getresponse().read())
+        texts[i] = reply["choices"][0]["text"] if "choices" in reply else f"failed: {reply}"
+        conn.close()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return texts
+
+
+def test_serve_over_ranks_answers_as_one_process(chat_model: Path, tmp_path: Path) -> None:
+    from live_server import Server
+
+    prompts = ["The capital of", "Once upon a time", "1 2 3", "hello"]
+    seeded = {"temperature": 0.9, "seed": 5}
+
+    def one_by_one(port: int, **options: Any) -> list[str]:
+        return [completions(port, [p], **options)[0] for p in prompts]
+
+    single = Server(chat_model, "--max-batch", "4")
+    try:
+        expected = one_by_one(single.port, temperature=0), one_by_one(single.port, **seeded)
+    finally:
+        single.stop()
+    port = str(free_port())
+    serve = [*DEVICEMAP, "serve", str(chat_model), "--max-batch", "4", "--port", port]
+    with Ranks([serve] * 3, tmp_path, timeout=60, env={"DEVICEMAP_API_KEY": ""}) as ranks:
+        ranks.wait_for(0, "serving ")
+        got = one_by_one(int(port), temperature=0), one_by_one(int(port), **seeded)
+        # together: batched, rows joining and leaving, every rank taking rank 0's steps
+        together = completions(int(port), prompts * 2, temperature=0)
+        again = one_by_one(int(port), temperature=0)
+        ranks.signal(0, signal.SIGTERM)  # rank 0 stops: the others follow it out
+        results = ranks.wait(timeout=60)
+    assert got == expected
+    assert all(text and not text.startswith("failed") for text in got[0] + got[1]), got
+    assert all(text and not text.startswith("failed") for text in together), together
+    assert again == got[0]  # the batch left the ranks in step
+    assert [r.returncode for r in results] == [0, 0, 0], results[1].stderr
+    assert "rank 1: serving rank 0's requests" in results[1].stderr
 
 
 LONG = ["run", "-p", "hello", "--raw", "--max-new-tokens", "400"]

@@ -92,11 +92,31 @@ def serve_command(
     with command_errors():
         if api_key is not None and not api_key.strip():
             raise BadOption("--api-key is empty: give a key, or leave it out", options=("api_key",))
+        from .ranked import joined
+
+        ranks = joined()  # torchrun: rank 0 serves, the other ranks run its steps with it
+        if ranks is not None and ranks.rank != 0:
+            follow(ctx, model, planning, ranks)
+            return
         listener = bind(host, port)  # before the long load: a taken port fails at once
         try:
             serve(ctx, model, planning, listener, queue=queue, api_key=api_key, name=name)
         finally:
             listener.close()
+
+
+def follow(ctx: typer.Context, model: str | None, planning: PlanChoices, ranks: Any) -> None:
+    """A rank other than 0: load its stage and run rank 0's engine steps until it stops."""
+    from ..run.ranks import leave
+    from ..serve.engine import Engine
+
+    source, tokenizer = open_model(model, planning, plan_file=ctx.params.get("plan_file"))
+    with session(ctx, planning, source, tokenizer, context=SERVE_CONTEXT, ranks=ranks) as s:
+        s.load()
+        engine = Engine(s.model, tokenizer, max_batch=s.plan.options.batch, ranks=ranks)
+        stderr.print(f"rank {ranks.rank}: serving rank 0's requests")
+        engine.follow()
+    leave()
 
 
 def serve(
@@ -114,9 +134,11 @@ def serve(
     from ..run.dispatch import release
     from ..serve.app import Settings, create_app, known_names
     from ..serve.engine import Engine
+    from .ranked import joined
 
+    ranks = joined()
     source, tokenizer = open_model(model, planning, plan_file=ctx.params.get("plan_file"))
-    with session(ctx, planning, source, tokenizer, context=SERVE_CONTEXT) as s:
+    with session(ctx, planning, source, tokenizer, context=SERVE_CONTEXT, ranks=ranks) as s:
         rows = s.plan.options.batch
         s.load()
         processor, no_images = _processor(s, planning.trust_remote_code)
@@ -133,7 +155,14 @@ def serve(
                 [s.source.name, str(s.source.root), os.path.basename(model_id.rstrip("/"))]
             ),
         )
-        engine = Engine(s.model, tokenizer, max_batch=rows, queue_size=queue)
+        engine = Engine(
+            s.model,
+            tokenizer,
+            max_batch=rows,
+            queue_size=queue,
+            ranks=ranks,
+            on_failure=lambda: os.kill(os.getpid(), signal.SIGTERM),  # another rank is gone
+        )
         config = uvicorn.Config(
             create_app(engine, settings),
             log_level="warning",
@@ -152,6 +181,12 @@ def serve(
             engine.close()
             release(s.model)
             s.model = None
+    if engine.failure is not None:
+        raise engine.failure
+    if ranks is not None:
+        from ..run.ranks import leave
+
+        leave()
     stderr.print("server stopped")
     if server.signal == signal.SIGINT:
         raise typer.Exit(INTERRUPTED)

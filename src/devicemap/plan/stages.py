@@ -18,7 +18,7 @@ Each rank's Plan carries its `Stage`: which blocks other ranks hold (left on met
 and what run/pipeline.py does at each of them:
 
     "skip"    a decoder layer held elsewhere: a stand-in takes its place here, passes its
-              input through and records its tokens in this rank's KV cache with zero-width
+              input through and records its tokens in this rank's KV cache with one-wide
               keys, so cache lengths, masks and positions stay in step (no compute)
     "zeros"   a block before the first cut held by rank 0 (embeddings): its output is
               zeros here, so masks and positions are computed locally from real tensors

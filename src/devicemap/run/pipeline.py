@@ -69,8 +69,8 @@ def attach(
 class RemoteLayer(torch.nn.Module):
     """Stands in for a decoder layer another rank holds (its weights are not here): returns
     its input hidden states as they are, and appends its tokens to this rank's KV cache as
-    zero-width keys and values, so the cache's lengths (which masks and positions are
-    computed from) are what the real layer would have made them. No compute, no memory."""
+    one-wide keys and values (4 bytes a token at fp32), so the cache's lengths (which masks
+    and positions are computed from) are what the real layer would have made them."""
 
     def __init__(self, layer: torch.nn.Module, index: int | None):
         super().__init__()
@@ -83,8 +83,9 @@ class RemoteLayer(torch.nn.Module):
         if cache is not None and self.index is not None:
             batch, tokens = hidden.shape[0], hidden.shape[1]
             device = torch.device("cpu") if hidden.is_meta else hidden.device
-            empty = torch.empty(batch, 1, tokens, 0, dtype=hidden.dtype, device=device)
-            cache.update(empty, empty, self.index)
+            # one value per token: a cache layer with no elements counts as empty (length 0)
+            stub = torch.zeros(batch, 1, tokens, 1, dtype=hidden.dtype, device=device)
+            cache.update(stub, stub, self.index)
         return hidden
 
 

@@ -21,17 +21,18 @@ step, but with one forward per request.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from ..errors import DevicemapError, GenerationFailed
+from ..errors import DevicemapError, GenerationFailed, RankFailed
 from ..run.generate import (
     Sampling,
     TextDecoder,
@@ -40,6 +41,7 @@ from ..run.generate import (
     input_device,
     to_device,
 )
+from ..run.ranks import Ranks, share
 
 Finish = Literal["stop", "length", "abort"]
 
@@ -76,6 +78,8 @@ class Job:
     inputs: Mapping[str, Any] | None = None  # a processor's pixel_values and friends
     cancelled: threading.Event = field(default_factory=threading.Event)
     # state, the engine's own
+    number: int = -1  # in order of admission (ranks name a request by it)
+    leaving: bool = False  # cancelled as of the step running now (every rank decides alike)
     ids: list[int] = field(default_factory=list)  # generated so far
     _text: TextDecoder | None = None  # the reply's text, token by token
     _pending: str = ""  # text held back: it may be the start of a stop string
@@ -113,7 +117,14 @@ class Engine:
         *,
         max_batch: int,
         queue_size: int = 64,
+        ranks: Ranks | None = None,
+        on_failure: Callable[[], None] | None = None,
     ):
+        """`ranks`: the ranks of a pipeline (torchrun). Rank 0's engine takes requests and
+        shares each step's admissions and cancellations; the other ranks call `follow()`,
+        which runs the same steps in step with it. When another rank fails, every request
+        ends with that error, the engine closes, `failure` holds the error and `on_failure`
+        is called (the server stops)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model
@@ -135,8 +146,13 @@ class Engine:
         self.forwards = 0  # model forwards run (prefills and decode steps)
         self.decode_steps = 0  # decode forwards: one per step of the batch
         self.tokens = 0  # tokens generated, all requests together
+        self._ranks = ranks
+        self._on_failure = on_failure
+        self.failure: RankFailed | None = None
+        self._admitted = 0  # requests admitted so far (their numbers)
         self._thread = threading.Thread(target=self._loop, name="devicemap-serve", daemon=True)
-        self._thread.start()
+        if ranks is None or ranks.rank == 0:
+            self._thread.start()
 
     # --- the caller's side ---------------------------------------------------------------
 
@@ -174,31 +190,82 @@ class Engine:
     # --- the worker ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except RankFailed as error:  # another rank died or hung: no step can run any more
+            self.failure = error
+            with self._wake:
+                self._closing = True
+                jobs = [*self._waiting, *self._jobs()]
+                self._waiting.clear()
+                self._groups.clear()
+            self._fail(jobs, error)
+            if self._on_failure is not None:
+                self._on_failure()
+
+    def _steps(self) -> None:
         while True:
             with self._wake:
                 while not self._closing and not self._waiting and not self._groups:
                     self._wake.wait()
-                if self._closing:
-                    break
+                closing = self._closing
                 free = self.max_batch - self.active
-                admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            gone = [j for j in admitted if j.cancelled.is_set()]  # left while waiting
-            for job in gone:
-                self._end(job, "abort")
-            try:
-                with torch.no_grad():
-                    self._admit([j for j in admitted if j not in gone])
-                    self._step()
-            except Exception as error:  # a bug here must not stop the server: fail the rows
-                jobs = [j for g in self._groups for j in g.jobs]
-                self._groups.clear()
-                self._fail(jobs, error)
+                count = 0 if closing else min(free, len(self._waiting))
+                admitted = [self._waiting.popleft() for _ in range(count)]
+            for job in admitted:
+                job.number, self._admitted = self._admitted, self._admitted + 1
+            leaving = [j for j in (*self._jobs(), *admitted) if j.cancelled.is_set()]
+            if self._ranks is not None:  # the other ranks take this step as it is
+                tick = (closing, [_shared_job(j) for j in admitted], [j.number for j in leaving])
+                share(tick, 0, timeout=IDLE_S)
+            if closing:
+                break
+            for job in leaving:
+                job.leaving = True
+            self._tick(admitted)
         with self._wake:
             left = [*self._waiting, *(j for g in self._groups for j in g.jobs)]
             self._waiting.clear()
             self._groups.clear()
         for job in left:
             self._end(job, "abort")
+
+    def _tick(self, admitted: list[Job]) -> None:
+        """One step: admit (prefill) `admitted`, then advance every row by one token."""
+        gone = [j for j in admitted if j.leaving]  # left while waiting
+        for job in gone:
+            self._end(job, "abort")
+        try:
+            with torch.no_grad():
+                self._admit([j for j in admitted if j not in gone])
+                self._step()
+        except RankFailed:
+            raise  # another rank is gone: this engine cannot go on
+        except Exception as error:  # a bug here must not stop the server: fail the rows
+            jobs = list(self._jobs())
+            self._groups.clear()
+            self._fail(jobs, error)
+
+    def _jobs(self) -> Iterator[Job]:
+        return (j for g in self._groups for j in g.jobs)
+
+    def follow(self) -> None:
+        """The other ranks of a pipeline: run rank 0's steps (its admissions, cancellations)
+        until its engine closes; nothing is emitted here."""
+        assert self._ranks is not None and self._ranks.rank != 0
+        while True:
+            closing, shared, leaving = share(None, 0, timeout=IDLE_S)
+            if closing:
+                return
+            admitted = []
+            for prompt_ids, sampling, stop, inputs in shared:
+                job = Job(prompt_ids, sampling, emit=_ignore, stop=stop, inputs=inputs)
+                job.number, self._admitted = self._admitted, self._admitted + 1
+                admitted.append(job)
+            gone = set(leaving)
+            for job in (*self._jobs(), *admitted):
+                job.leaving = job.number in gone
+            self._tick(admitted)
 
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill `jobs` and add them to the batch: those without images in one forward
@@ -334,7 +401,7 @@ class Engine:
                 finish = "stop"
             if text:
                 job.emit(Event("text", text=text))
-            if finish is not None or job.cancelled.is_set():
+            if finish is not None or job.leaving:
                 self._end(job, finish or "abort")
             else:
                 keep.append(row)
@@ -394,9 +461,9 @@ class Engine:
     # --- rows leaving ----------------------------------------------------------------------
 
     def _drop_cancelled(self, group: _Group) -> None:
-        keep = [row for row, job in enumerate(group.jobs) if not job.cancelled.is_set()]
+        keep = [row for row, job in enumerate(group.jobs) if not job.leaving]
         for job in group.jobs:
-            if job.cancelled.is_set():
+            if job.leaving:
                 self._end(job, "abort")
         if len(keep) < len(group.jobs):
             self._keep_rows(group, keep)
@@ -443,6 +510,22 @@ class Engine:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+IDLE_S = 7 * 24 * 3600.0  # how long the other ranks wait for rank 0's next step (an idle server)
+
+
+def _shared_job(job: Job) -> tuple[Any, ...]:
+    """What the other ranks need of a request (an unseeded sampler gets a seed here, so
+    every rank draws the same tokens)."""
+    sampling = job.sampling
+    if not sampling.greedy and sampling.seed is None:
+        sampling = dataclasses.replace(sampling, seed=random.randrange(2**63))
+        job.sampling = sampling
+    return (list(job.prompt_ids), sampling, job.stop, job.inputs)
+
+
+def _ignore(event: Event) -> None:
+    """The other ranks' requests: rank 0 answers the clients."""
 
 
 def _takes(model: Any, name: str) -> bool:
