@@ -622,10 +622,10 @@ def chat_command(
             if ranks is None:
                 status = converse(chat, tty=sys.stdin.isatty())
             elif ranks.rank == 0:
-                status = converse(chat, tty=sys.stdin.isatty(), read=_read_and_share)
+                status = converse(chat, tty=sys.stdin.isatty(), read=_read_and_share, ranked=True)
             else:
                 status = converse(chat, tty=False, read=_shared_message, show=False)
-        if ranks is not None:
+        if ranks is not None and status == 0:  # interrupted: the others stop when rank 0 goes
             from ..run.ranks import leave
 
             leave()
@@ -672,11 +672,13 @@ def converse(
     tty: bool,
     read: Callable[[bool], str | None] | None = None,
     show: bool = True,
+    ranked: bool = False,
 ) -> int:
     """Read messages until /exit or end of input; return the exit status. A message that is
     not valid UTF-8 is answered with U+FFFD for its bad bytes, after a warning. `read`
     replaces reading stdin (ranks share rank 0's messages); without `show` nothing is
-    written (the other ranks of a chat follow rank 0's)."""
+    written (the other ranks of a chat follow rank 0's). `ranked` (rank 0 of several):
+    Ctrl-C during a reply ends the chat, as the other ranks cannot stop theirs mid-reply."""
     read = read or read_message
     if show:
         read_undecodable_stdin()
@@ -705,7 +707,9 @@ def converse(
             if show:
                 stderr.print(f"unknown command {command}; /help lists them")
         elif command:
-            answer(chat, valid_text(message.strip(), "the message"), show=show)
+            whole = answer(chat, valid_text(message.strip(), "the message"), show=show)
+            if ranked and not whole:  # the other ranks cannot stop this reply: end the chat
+                return INTERRUPTED
 
 
 def _line_editing() -> None:
@@ -756,7 +760,7 @@ def _read_line(tty: bool, prompt: str) -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
-def answer(chat: Chat, text: str, *, show: bool = True) -> None:
+def answer(chat: Chat, text: str, *, show: bool = True) -> bool:
     """Stream one reply; a prompt the model cannot take (past the context, refused by the chat
     template, empty) is reported and the session goes on. Without `show`, silently."""
     try:
@@ -765,15 +769,17 @@ def answer(chat: Chat, text: str, *, show: bool = True) -> None:
         hint = "; /reset starts a new conversation" if isinstance(error, ContextTooLong) else ""
         if show:
             stderr.print(f"error: {error}{hint}")
-        return
+        return True
     if not show:
         with stream:
             stream.reply  # noqa: B018 - generated to the end, in step with rank 0
-        return
-    if not echo_stream(stream):
+        return True
+    whole = echo_stream(stream)
+    if not whole:
         stderr.print("[interrupted]")
     reply = stream.reply
     stderr.print(f"[{reply.new_tokens} tokens, {reply.tokens_per_s:.1f} tok/s]", style="dim")
+    return whole
 
 
 # --- bench ---------------------------------------------------------------------------
