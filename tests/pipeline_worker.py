@@ -2,7 +2,9 @@
 over them (each rank's cpu budget exchanged), load this rank's stage, and write what it
 holds and computes to OUT/rank<N>.json.
 
-    python tests/pipeline_worker.py MODEL OUT [--mode generate|agree]
+    python tests/pipeline_worker.py MODEL OUT [--mode generate|gpu|agree]
+
+(gpu: every rank's stage on cuda:0)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from devicemap.devices import CPU
+from devicemap.devices import CPU, parse_device
 from devicemap.errors import RankMismatch
 from devicemap.load.loader import load
 from devicemap.model.skeleton import build_skeleton
@@ -42,7 +44,8 @@ def main() -> None:
         ranks.leave()
         return
     skeleton = build_skeleton(model)
-    budgets = ranks.gather(RankBudgets({CPU: 64 << 20}))
+    mine = {parse_device(0): 1 << 30} if mode == "gpu" else {CPU: 64 << 20}  # gpu: cuda:0
+    budgets = ranks.gather(RankBudgets(mine))
     stages = plan_ranks(skeleton, budgets, PlanOptions(context=128))
     plan = stages.plans[me.rank]
     loaded = load(skeleton, plan, progress=False)
@@ -71,7 +74,7 @@ def main() -> None:
         "loaded": list(plan.device_map),
         "real": [n for n, p in loaded.named_parameters() if not p.is_meta],
         "meta": [n for n, p in loaded.named_parameters() if p.is_meta],
-        "logits": logits.tolist(),
+        "logits": logits.cpu().tolist(),
         "greedy": greedy.tolist(),
         "sampled": sampled.tolist(),
         "stages": stages.to_json()["stages"],

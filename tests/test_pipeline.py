@@ -273,6 +273,18 @@ def test_run_json_per_rank_lists_its_blocks(chat_model: Path, tmp_path: Path) ->
     assert "model.layers.0" not in data[1]["blocks"] and "lm_head" not in data[1]["blocks"]
 
 
+def test_plan_json_over_ranks_each_rank_its_own_and_rank_0_every_rank(
+    chat_model: Path, tmp_path: Path
+) -> None:
+    argv = [[*DEVICEMAP, "plan", str(chat_model), "--json", "--max-memory", "cpu=1GiB"]] * 2
+    results = launch(argv, tmp_path, timeout=60)
+    assert [r.returncode for r in results] == [0, 0], results[1].stderr
+    first, second = (json.loads(r.stdout) for r in results)
+    assert (first["rank"], second["rank"]) == (0, 1)
+    assert [s["blocks"] for s in first["stages"]] == [first["blocks"], second["blocks"]]
+    assert "stages" not in second and second["plan"]["stage"]["rank"] == 1
+
+
 def test_a_mismatched_checkpoint_is_refused_at_start_up(chat_model: Path, tmp_path: Path) -> None:
     other = make_tiny_chat(tmp_path / "other", byte_tokenizer(), seed=7)  # same shapes
     argv = [[*DEVICEMAP, *RUN, str(chat_model)], [*DEVICEMAP, *RUN, str(other)]]
