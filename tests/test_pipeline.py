@@ -429,6 +429,12 @@ def test_torchrun_standalone_run_equals_one_process(chat_model: Path) -> None:
     assert both.stdout == single.stdout
 
 
+def test_bench_under_ranks_is_refused(chat_model: Path) -> None:
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}  # refused before joining any rank
+    result = devicemap("bench", str(chat_model), env=env)
+    assert result.returncode == 1 and "bench/pipeline.py" in result.stderr
+
+
 def test_not_launched_by_torchrun_is_one_process(chat_model: Path) -> None:
     result = devicemap(*RUN, str(chat_model), env={**os.environ, "WORLD_SIZE": "1"})
     assert result.returncode == 0 and "rank" not in result.stderr

@@ -806,8 +806,15 @@ def bench_command(
     """
     with command_errors(as_json=as_json):
         from ..run.generate import check_context
+        from ..run.ranks import launched
         from .measure import BenchOptions, bench
 
+        if launched():
+            raise BadOption(
+                "devicemap bench measures one process; under torchrun measure the ranks with"
+                " `python bench/pipeline.py`, or time `devicemap run --json` (its timings)",
+                options=("bench",),
+            )
         options = BenchOptions(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
         opened = open_model(model, planning, plan_file=plan_file)
         with session(ctx, planning, *opened, context=options.context) as s:

@@ -615,7 +615,7 @@ def _warn_past_ram(budgets: Mapping[Device, int], free: int) -> None:
         f"{what} more than this process may use now ({format_size(free)} free, cgroup limits"
         f" included): loading may swap or be killed; give {fix}",
         MemoryWarning,
-        stacklevel=3,
+        stacklevel=4,  # plan()'s caller
     )
 
 
