@@ -27,11 +27,6 @@ class Stage:
     hidden_bytes: int  # per token per sequence, sent to the next rank
     logits_bytes: int  # per sequence per step, the LM head's output broadcast to every rank
 
-    @property
-    def blocks(self) -> tuple[str, ...]:
-        """The blocks this rank holds, in execution order."""
-        return tuple(name for name, rank in self.holders.items() if rank == self.rank)
-
     def to_json(self) -> dict[str, Any]:
         return {
             "rank": self.rank,
