@@ -276,13 +276,41 @@ def test_run_json_per_rank_lists_its_blocks(chat_model: Path, tmp_path: Path) ->
 def test_plan_json_over_ranks_each_rank_its_own_and_rank_0_every_rank(
     chat_model: Path, tmp_path: Path
 ) -> None:
-    argv = [[*DEVICEMAP, "plan", str(chat_model), "--json", "--max-memory", "cpu=1GiB"]] * 2
+    argv = [[*DEVICEMAP, "plan", str(chat_model), "--json"]] * 2  # budgets: what is free
     results = launch(argv, tmp_path, timeout=60)
     assert [r.returncode for r in results] == [0, 0], results[1].stderr
     first, second = (json.loads(r.stdout) for r in results)
     assert (first["rank"], second["rank"]) == (0, 1)
     assert [s["blocks"] for s in first["stages"]] == [first["blocks"], second["blocks"]]
     assert "stages" not in second and second["plan"]["stage"]["rank"] == 1
+    # two ranks on one machine share what is free there, rather than each counting all of it
+    alone = json.loads(devicemap("plan", str(chat_model), "--json").stdout)
+
+    def cpu(plan: dict[str, Any]) -> int:
+        return next(d["budget"] for d in plan["devices"] if d["device"] == "cpu")
+
+    for rank, got in enumerate((first, second)):
+        assert 0.4 < cpu(got["plan"]) / cpu(alone) < 0.6
+        assert any(f"is local rank {rank} of 2 on its machine" in r for r in got["plan"]["reasons"])
+
+
+def test_ranks_on_one_machine_share_its_gpus_ram_and_disk(monkeypatch) -> None:
+    from devicemap.cli.ranked import machine_share
+    from devicemap.devices import DISK
+
+    def share(gpus: int, size: int, local: int, given=frozenset()) -> dict[str, int]:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(size))
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        here = RankBudgets({parse_device(i): 12 for i in range(gpus)} | {CPU: 100, DISK: 900})
+        return {str(d): n for d, n in machine_share(here, set(given), local).sizes.items()}
+
+    assert share(4, 2, 1) == {"cuda:1": 12, "cuda:3": 12, "cpu": 50, "disk": 450}
+    assert share(2, 3, 0) == {"cuda:0": 6, "cpu": 33, "disk": 300}  # cuda:0 has 2 ranks
+    assert share(2, 3, 1) == {"cuda:1": 12, "cpu": 33, "disk": 300}
+    assert share(1, 1, 0) == {"cuda:0": 12, "cpu": 100, "disk": 900}  # one rank: all of it
+    # sizes --max-memory gives stay; the measured cuda:0 is shared by both local ranks
+    given = {CPU, parse_device(1)}
+    assert share(2, 2, 0, given) == {"cuda:0": 6, "cuda:1": 12, "cpu": 100, "disk": 450}
 
 
 def test_a_mismatched_checkpoint_is_refused_at_start_up(chat_model: Path, tmp_path: Path) -> None:

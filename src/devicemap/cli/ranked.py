@@ -21,6 +21,7 @@ from ..errors import BadOption
 from .options import PlanChoices
 
 if TYPE_CHECKING:
+    from ..devices import Device
     from ..model.skeleton import Skeleton
     from ..plan.planner import RankBudgets
     from ..plan.stages import Stages
@@ -129,12 +130,67 @@ def plan_stages(
     skeleton, here, options = planning.inputs(model, context=context, images=images)
     every: Sequence[RankBudgets]
     if ranks is not None:
-        every = rank_ops.gather(here)
+        every = rank_ops.gather(machine_share(here, named(planning), ranks.rank))
     elif budgets_file is not None:
         every = read_rank_budgets(budgets_file)
     else:
         every = [here] * (what_if or 1)
     return plan_ranks(skeleton, every, options)
+
+
+def named(planning: PlanChoices) -> set[Device]:
+    """The devices --max-memory gives a size (not a percentage of what is free)."""
+    from ..devices import parse_device
+    from .options import parse_max_memory
+
+    given = parse_max_memory(planning.max_memory) or {}
+    return {parse_device(d) for d, size in given.items() if not str(size).strip().endswith("%")}
+
+
+def machine_share(here: RankBudgets, given: set[Device], rank: int) -> RankBudgets:
+    """This rank's part of a machine that torchrun runs several ranks on (LOCAL_WORLD_SIZE):
+    what was measured free is shared, not counted by each: the GPUs dealt out by local rank
+    (a GPU with several ranks on it split between them), RAM and disk divided evenly. Sizes
+    --max-memory gives are the rank's own, as given."""
+    import dataclasses
+
+    from ..devices import format_size
+
+    size = _env_int("LOCAL_WORLD_SIZE", 1)
+    local = _env_int("LOCAL_RANK", 0)
+    if size <= 1:
+        return here
+    gpus = [d for d in here.sizes if d.is_gpu and d not in given]
+    sizes: dict[Device, int] = {}
+    for device, budget in here.sizes.items():
+        if device in given:
+            sizes[device] = budget
+        elif device.is_gpu:
+            slot = gpus.index(device)
+            if len(gpus) >= size:  # GPUs dealt out: slot i to local rank i % size
+                sharing = [slot % size]
+            else:  # fewer GPUs than ranks: local rank r on GPU r % GPUs, shared
+                sharing = [r for r in range(size) if r % len(gpus) == slot]
+            if local in sharing:
+                sizes[device] = budget // len(sharing)
+        else:
+            sizes[device] = budget // size
+    shared = ", ".join(f"{d} {format_size(n)}" for d, n in sizes.items() if d not in given)
+    note = (
+        f"rank {rank} is local rank {local} of {size} on its machine: its share of what is"
+        f" free there: {shared or 'nothing measured'} (--max-memory gives a rank its own)"
+    )
+    free_ram = None if here.free_ram is None else here.free_ram // size
+    return dataclasses.replace(here, sizes=sizes, free_ram=free_ram, notes=(*here.notes, note))
+
+
+def _env_int(name: str, default: int) -> int:
+    import os
+
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 def check_ranks_option(ranks: Ranks | None, what_if: int | None, budgets_file: str | None) -> None:
