@@ -2,7 +2,7 @@
 over them (each rank's cpu budget exchanged), load this rank's stage, and write what it
 holds and computes to OUT/rank<N>.json.
 
-    python tests/pipeline_worker.py MODEL OUT [--mode generate|gpu|agree]
+    python tests/pipeline_worker.py MODEL OUT [--mode generate|gpu|memory|agree]
 
 (gpu: every rank's stage on cuda:0)
 """
@@ -30,6 +30,15 @@ MICRO = [[[8, 6, 7, 5, 3, 0, 9]], [[2, 7, 1, 8, 2, 8]]]
 SEED = 1234
 
 
+def resident() -> int:
+    """This process's resident memory, bytes (anonymous and file pages: CPU weights that are
+    the checkpoint's own pages count once they are read in)."""
+    import os
+
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def main() -> None:
     model, out = Path(sys.argv[1]), Path(sys.argv[2])
     mode = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--mode" else "generate"
@@ -44,6 +53,16 @@ def main() -> None:
         ranks.leave()
         return
     skeleton = build_skeleton(model)
+    if mode == "memory":  # how much this rank's resident memory grows to load its stage
+        budgets = ranks.gather(RankBudgets({CPU: 1 << 30}))
+        plan = plan_ranks(skeleton, budgets, PlanOptions(context=128)).plans[me.rank]
+        before = resident()
+        loaded = load(skeleton, plan, progress=False)
+        grown = resident() - before
+        weights = sum(p.nbytes for p in loaded.parameters() if not p.is_meta)
+        (out / f"rank{me.rank}.json").write_text(json.dumps({"grown": grown, "weights": weights}))
+        ranks.leave()
+        return
     mine = {parse_device(0): 1 << 30} if mode == "gpu" else {CPU: 64 << 20}  # gpu: cuda:0
     budgets = ranks.gather(RankBudgets(mine))
     stages = plan_ranks(skeleton, budgets, PlanOptions(context=128))

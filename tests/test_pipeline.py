@@ -27,7 +27,7 @@ from devicemap.plan.planner import Plan, RankBudgets, plan_from_json
 from devicemap.plan.stages import plan_ranks, units_of
 from ranks import PYTHON, Ranks, free_port, launch
 from test_generate import byte_tokenizer
-from tiny import make_tiny_chat
+from tiny import make_tiny, make_tiny_chat
 
 WORKER = str(Path(__file__).parent / "pipeline_worker.py")
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -226,6 +226,23 @@ def test_ranks_compute_what_one_process_computes(
         held |= set(got["real"])
     experts = {n for n in names if ".experts." in n}  # kept as per-expert checkpoint pieces
     assert names - experts <= held
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc/self/statm")
+def test_each_rank_holds_its_share_of_the_model_in_memory(tmp_path: Path) -> None:
+    # 6 layers of ~10 MB (fp32): a model whose weights stand out from torch's own memory
+    big = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+               num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+    model = make_tiny("llama", tmp_path / "model", shard_size="20MB", **big)
+    whole = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    argv = [[PYTHON, WORKER, str(model), str(tmp_path), "--mode", "memory"]] * 2
+    for r in launch(argv, tmp_path, timeout=60):
+        assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert 0.35 * whole < got["weights"] < 0.65 * whole  # about half the weights each
+        # resident memory grew by this rank's weights (read in), not by the whole model's
+        assert 0.8 * got["weights"] < got["grown"] < got["weights"] + 0.2 * whole, got
 
 
 def test_mismatched_versions_are_refused_on_every_rank(tmp_path: Path, tiny_models) -> None:
