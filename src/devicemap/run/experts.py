@@ -129,8 +129,6 @@ def experts_forward(
     top_k_weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:
     """The experts of one MoE layer for T tokens, computed where the experts are stored."""
-    if hidden_states.is_meta:  # a layer another pipeline rank holds: shapes only
-        return torch.empty_like(hidden_states)
     home = hidden_states.device
     source: ExpertWeights | None = self.__dict__.get(EXPERTS_ATTR)
     cached = self.__dict__.get(CACHE_ATTR)

@@ -3,17 +3,17 @@
 Every rank runs the whole model's forward (and `generate`) in lockstep; its Stage
 (plan/stage.py) says what the blocks other ranks hold do here:
 
-- "meta": the block's weights are on meta and its inputs are turned into meta tensors, so
-  it computes shapes only, in microseconds, and this rank's KV cache (meta for those
-  layers) keeps its lengths, masks and positions in step;
+- "skip": a decoder layer is replaced by a RemoteLayer stand-in, which passes its input
+  through and keeps this rank's KV cache lengths (hence masks and positions) in step;
 - "zeros": the embeddings (rank 0's) give zeros on this rank's first device, so the model
   computes its masks and positions here from real tensors;
+- "meta": a block after the last layer (the final norm) runs on meta tensors, shapes only;
 - "logits": the LM head (the last rank's) gives the logits the last rank broadcasts.
 
 At the stage's own edges: the first layer's input hidden states are received from the
-previous rank (the meta tensor in their place gives their shape), the last layer's
-output is sent to the next rank, and the last rank broadcasts its LM head's output.
-Only the hidden states of the boundary and the logits cross; nothing is re-sent.
+previous rank (the tensor in their place gives their shape), the last layer's output is
+sent to the next rank, and the last rank broadcasts its LM head's output. Only the hidden
+states of the boundaries and the logits cross; nothing is re-sent.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from typing import Any
 import torch
 
 from ..errors import PlanError, RankError
-from ..model.skeleton import is_experts
 from ..plan.stage import Stage
-from . import experts, ranks
+from . import ranks
 
 Hook = Callable[..., Any]
 
@@ -39,13 +38,11 @@ def attach(
     """Hook `model` for its rank's stage; `home`: where this rank's inputs are, `devices`:
     module -> where it runs (for the received hidden states). Returns the handles."""
     handles: list[Any] = []
-    has_experts = False
     for name, role in stage.remote.items():
         module = model.get_submodule(name)
         if role == "skip":
             handles.append(_stand_in(model, name, module))
             continue
-        has_experts |= any(is_experts(m) for m in module.modules())
         handles.append(module.register_forward_pre_hook(_to_meta, with_kwargs=True, prepend=True))
         if role == "zeros":
             handles.append(module.register_forward_hook(_zeros(home)))
@@ -61,8 +58,6 @@ def attach(
     if stage.head is not None:
         head = model.get_submodule(stage.head)
         handles.append(head.register_forward_hook(_broadcast_logits(stage.rank)))
-    if has_experts:  # its meta tensors give a remote MoE layer's output shape
-        experts.select(model)
     return handles
 
 

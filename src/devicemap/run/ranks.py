@@ -118,6 +118,7 @@ def leave() -> None:
         barrier()
         dist.destroy_process_group()
     _joined = None
+    del _lanes[1:]  # their groups went with the process group
 
 
 def barrier() -> None:
