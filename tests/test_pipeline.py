@@ -266,14 +266,21 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 RUN = ["run", "-p", "The capital of France is", "--raw", "--max-new-tokens", "8"]
 
 
-def test_run_over_two_ranks_prints_what_one_process_prints(
-    chat_model: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def single_run(chat_model: Path) -> str:
+    """What one process prints for RUN."""
     single = devicemap(*RUN, str(chat_model))
     assert single.returncode == 0, single.stderr
+    assert single.stdout.strip()
+    return single.stdout
+
+
+def test_run_over_two_ranks_prints_what_one_process_prints(
+    chat_model: Path, single_run: str, tmp_path: Path
+) -> None:
     results = launch([[*DEVICEMAP, *RUN, str(chat_model)]] * 2, tmp_path, timeout=60)
     assert [r.returncode for r in results] == [0, 0], results[1].stderr
-    assert results[0].stdout == single.stdout and single.stdout.strip()
+    assert results[0].stdout == single_run
     assert results[1].stdout == ""  # rank 0 prints
     assert "rank 1 of 2:" in results[1].stderr
 
@@ -452,9 +459,8 @@ def test_a_hung_rank_makes_the_others_fail_within_the_timeout(
 @pytest.mark.skipif(
     shutil.which("torchrun", path=str(Path(PYTHON).parent)) is None, reason="no torchrun"
 )
-def test_torchrun_standalone_run_equals_one_process(chat_model: Path) -> None:
+def test_torchrun_standalone_run_equals_one_process(chat_model: Path, single_run: str) -> None:
     torchrun = str(Path(PYTHON).parent / "torchrun")
-    single = devicemap(*RUN, str(chat_model))
     both = subprocess.run(
         [
             torchrun,
@@ -471,7 +477,7 @@ def test_torchrun_standalone_run_equals_one_process(chat_model: Path) -> None:
         timeout=120,
     )
     assert both.returncode == 0, both.stderr[-3000:]
-    assert both.stdout == single.stdout
+    assert both.stdout == single_run
 
 
 def test_bench_under_ranks_is_refused(chat_model: Path) -> None:
@@ -480,6 +486,19 @@ def test_bench_under_ranks_is_refused(chat_model: Path) -> None:
     assert result.returncode == 1 and "bench/pipeline.py" in result.stderr
 
 
-def test_not_launched_by_torchrun_is_one_process(chat_model: Path) -> None:
-    result = devicemap(*RUN, str(chat_model), env={**os.environ, "WORLD_SIZE": "1"})
-    assert result.returncode == 0 and "rank" not in result.stderr
+def test_one_process_unless_torchrun_started_several(monkeypatch) -> None:
+    from devicemap.errors import BadOption
+    from devicemap.run import ranks
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not ranks.launched()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not ranks.launched()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert ranks.launched() and ranks.world_size() == 3
+    monkeypatch.setenv("WORLD_SIZE", "many")
+    with pytest.raises(BadOption, match="WORLD_SIZE='many'"):
+        ranks.launched()
+    monkeypatch.setenv("DEVICEMAP_RANK_TIMEOUT", "-3")
+    with pytest.raises(BadOption, match="DEVICEMAP_RANK_TIMEOUT='-3'"):
+        ranks.rank_timeout()
