@@ -172,6 +172,10 @@ def test_plan_rank_budgets_file(tmp_path: Path) -> None:
         "plan", str(CONFIGS / "llama-3-70b"), "--ranks", "2", "--rank-budgets", str(file)
     )
     assert both.returncode == 1 and "not both" in both.stderr
+    target = tmp_path / "p.json"
+    saved = devicemap("plan", str(CONFIGS / "llama-3-70b"), "--ranks", "2", "--save", str(target))
+    assert saved.returncode == 1 and "error: --save writes a plan for one process" in saved.stderr
+    assert not target.exists()
 
 
 # --- several ranks over gloo -----------------------------------------------------------------

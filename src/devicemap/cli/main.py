@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..errors import BadOption
 from . import cache, commands, serve
 from .commands import command_errors
 from .options import ModelArg, PlanChoices, model_argument, options_from
@@ -84,9 +85,13 @@ def plan_command(
         joined_ranks = joined()
         check_ranks_option(joined_ranks, ranks, rank_budgets)
         if joined_ranks is not None or ranks is not None or rank_budgets is not None:
-            plan_ranks(model, planning, ranks, rank_budgets, as_json=as_json, explain=explain)
             if save is not None:
-                raise typer.BadParameter("--save saves a plan for one process; use --json")
+                raise BadOption(
+                    "--save writes a plan for one process; a plan over ranks is printed with"
+                    " --json (under torchrun the ranks plan together each time)",
+                    options=("save",),
+                )
+            plan_ranks(model, planning, ranks, rank_budgets, as_json=as_json, explain=explain)
             return
         result = planning.make_plan(model_argument(model))
         if save is not None:
