@@ -21,6 +21,8 @@ Measured per rank count, medians over `--runs`:
   together (lockstep: one stage busy at a time), `microM_tok_s` the M prompts as M
   micro-batches side by side (devicemap.run.pipeline.generate_micro_batches: one lane
   each, so the stages work at once), aggregate tokens/s; `micro/batch` their ratio.
+- `memory_by_rank`: per rank, the resident memory its load added (`load_MB`,
+  /proc/self/statm) and the weights it holds (`weights_MB`): each rank's share, not the model.
 
     python bench/pipeline.py                       # 1, 2, 3 ranks, 32 tokens, 3 runs
     python bench/pipeline.py --ranks 1,2 --tokens 8 --runs 1      # a quick check
@@ -130,7 +132,12 @@ def worker(args: argparse.Namespace) -> None:
         plan = plan_ranks(skeleton, every, options).plans[me.rank]
     else:
         plan = make_plan(skeleton, {CPU: 16 << 30}, options)
+    before = resident()
     model = load(skeleton, plan, progress=False)
+    memory = {
+        "load_MB": (resident() - before) / 1e6,  # resident memory the load added
+        "weights_MB": sum(p.nbytes for p in model.parameters() if not p.is_meta) / 1e6,
+    }
     torch.manual_seed(0)
     vocab = skeleton.config.vocab_size
     prompts = torch.randint(3, vocab, (args.micro, PROMPT))  # the same on every rank
@@ -184,12 +191,21 @@ def worker(args: argparse.Namespace) -> None:
         every_sent = ranks.gather(sent)
         row["sent_B_tok"] = sum(sum(s.values()) for s in every_sent)
         row["sent_by_rank"] = every_sent
+        row["memory_by_rank"] = ranks.gather(memory)
     else:
         row["sent_B_tok"] = 0
+        row["memory_by_rank"] = [memory]
     if me is None or me.rank == 0:
         (Path(args.worker) / "result.json").write_text(json.dumps(row))
     if me is not None:
         ranks.leave()
+
+
+def resident() -> int:
+    """This process's resident memory in bytes (weights that are the checkpoint's own pages
+    count once read in)."""
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def hop_ms(hidden: int, rounds: int = 200) -> float:
