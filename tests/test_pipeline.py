@@ -124,6 +124,17 @@ def test_what_cannot_be_cut(tiny_models: dict[str, Path]) -> None:
         plan_ranks(build_skeleton(tiny_models["t5"]), [cpu(10 << 20)] * 2, PlanOptions(context=64))
 
 
+def test_pins_apply_on_the_rank_that_holds_the_block(tiny_models: dict[str, Path]) -> None:
+    skeleton = build_skeleton(tiny_models["llama"])
+    ranks = [RankBudgets({parse_device(0): 10 << 20, CPU: 10 << 20})] * 2
+    pins = {"lm_head": CPU, "model.layers.0": CPU}
+    first, last = plan_ranks(skeleton, ranks, PlanOptions(context=64, pins=pins)).plans
+    assert first.device_map["model.layers.0"] == "cpu" and last.device_map["lm_head"] == "cpu"
+    assert first.options.pins == {"model.layers.0": CPU}  # each rank keeps its own pins
+    with pytest.raises(PlanError, match=r"pins name no module of .*'model\.layer\.9'"):
+        plan_ranks(skeleton, ranks, PlanOptions(context=64, pins={"model.layer.9": CPU}))
+
+
 def test_a_stage_plan_round_trips_through_json(tiny_models: dict[str, Path]) -> None:
     skeleton = build_skeleton(tiny_models["mixtral"])
     stages = plan_ranks(skeleton, [cpu(64 << 20)] * 3, PlanOptions(context=64))
