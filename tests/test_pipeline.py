@@ -212,7 +212,7 @@ def reference(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("arch", "size"), [("llama", 2), ("mixtral", 3), ("gpt2", 2), ("mistral", 3), ("qwen2_moe", 2)]
+    ("arch", "size"), [("llama", 2), ("mixtral", 3), ("gpt2", 2), ("mistral", 3)]
 )
 def test_ranks_compute_what_one_process_computes(
     tiny_models: dict[str, Path], tmp_path: Path, arch: str, size: int
@@ -367,11 +367,11 @@ def test_chat_over_ranks_answers_as_one_process(chat_model: Path, tmp_path: Path
     chat = ["chat", str(chat_model), "--max-new-tokens", "6"]
     single = devicemap(*chat, input=messages.decode())
     assert single.returncode == 0, single.stderr
-    with Ranks([[*DEVICEMAP, *chat]] * 3, tmp_path, timeout=60, stdin=messages) as ranks:
+    with Ranks([[*DEVICEMAP, *chat]] * 2, tmp_path, timeout=60, stdin=messages) as ranks:
         results = ranks.wait(timeout=120)
-    assert [r.returncode for r in results] == [0, 0, 0], results[1].stderr
+    assert [r.returncode for r in results] == [0, 0], results[1].stderr
     assert results[0].stdout == single.stdout and single.stdout.count("\n") == 3
-    assert results[1].stdout == results[2].stdout == ""
+    assert results[1].stdout == ""
 
 
 def completions(port: int, prompts: list[str], **options: Any) -> list[str]:
@@ -419,7 +419,7 @@ def test_serve_over_ranks_answers_as_one_process(chat_model: Path, tmp_path: Pat
         single.stop()
     port = str(free_port())
     serve = [*DEVICEMAP, "serve", str(chat_model), "--max-batch", "4", "--port", port]
-    with Ranks([serve] * 3, tmp_path, timeout=60, env={"DEVICEMAP_API_KEY": ""}) as ranks:
+    with Ranks([serve] * 2, tmp_path, timeout=60, env={"DEVICEMAP_API_KEY": ""}) as ranks:
         ranks.wait_for(0, "serving ")
         got = one_by_one(int(port), temperature=0), one_by_one(int(port), **seeded)
         # together: batched, rows joining and leaving, every rank taking rank 0's steps
@@ -431,7 +431,7 @@ def test_serve_over_ranks_answers_as_one_process(chat_model: Path, tmp_path: Pat
     assert all(text and not text.startswith("failed") for text in got[0] + got[1]), got
     assert all(text and not text.startswith("failed") for text in together), together
     assert again == got[0]  # the batch left the ranks in step
-    assert [r.returncode for r in results] == [0, 0, 0], results[1].stderr
+    assert [r.returncode for r in results] == [0, 0], results[1].stderr
     assert "rank 1: serving rank 0's requests" in results[1].stderr
 
 
