@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,21 @@ from devicemap.run.pipeline import generate_micro_batches
 PROMPT = [[1, 5, 9, 3, 7, 11, 4]]
 MICRO = [[[8, 6, 7, 5, 3, 0, 9]], [[2, 7, 1, 8, 2, 8]]]
 SEED = 1234
+
+
+def outputs(model: Any) -> dict[str, Any]:
+    """What a model computes for PROMPT, as JSON-ready lists: its logits, 8 greedy tokens,
+    8 tokens sampled from SEED (a rank's stage here, plain transformers in the tests)."""
+    ids = torch.tensor(PROMPT)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        torch.manual_seed(SEED)
+        sampled = model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0
+        )
+    return {"logits": logits.cpu().tolist(), "greedy": greedy.tolist(), "sampled": sampled.tolist()}
 
 
 def resident() -> int:
@@ -68,15 +84,8 @@ def main() -> None:
     stages = plan_ranks(skeleton, budgets, PlanOptions(context=128))
     plan = stages.plans[me.rank]
     loaded = load(skeleton, plan, progress=False)
-    ids = torch.tensor(PROMPT)
-    mask = torch.ones_like(ids)
+    result = outputs(loaded)
     with torch.no_grad():
-        logits = loaded(input_ids=ids, attention_mask=mask).logits
-        greedy = loaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        torch.manual_seed(SEED)
-        sampled = loaded.generate(
-            ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0
-        )
         # two micro-batches side by side (one lane each), each its own prompt
         micro = generate_micro_batches(
             loaded,
@@ -87,17 +96,14 @@ def main() -> None:
             max_new_tokens=8,
             do_sample=False,
         )
-    result = {
-        "rank": me.rank,
-        "micro": [m.tolist() for m in micro],
-        "loaded": list(plan.device_map),
-        "real": [n for n, p in loaded.named_parameters() if not p.is_meta],
-        "meta": [n for n, p in loaded.named_parameters() if p.is_meta],
-        "logits": logits.cpu().tolist(),
-        "greedy": greedy.tolist(),
-        "sampled": sampled.tolist(),
-        "stages": stages.to_json()["stages"],
-    }
+    result.update(
+        rank=me.rank,
+        micro=[m.tolist() for m in micro],
+        loaded=list(plan.device_map),
+        real=[n for n, p in loaded.named_parameters() if not p.is_meta],
+        meta=[n for n, p in loaded.named_parameters() if p.is_meta],
+        stages=stages.to_json()["stages"],
+    )
     (out / f"rank{me.rank}.json").write_text(json.dumps(result))
     ranks.leave()
 

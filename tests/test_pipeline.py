@@ -25,6 +25,7 @@ from devicemap.model.skeleton import build_skeleton
 from devicemap.plan.options import PlanOptions
 from devicemap.plan.planner import Plan, RankBudgets, plan_from_json
 from devicemap.plan.stages import plan_ranks, units_of
+from pipeline_worker import MICRO, outputs
 from ranks import PYTHON, Ranks, free_port, launch
 from test_generate import byte_tokenizer
 from tiny import make_tiny, make_tiny_chat
@@ -32,9 +33,6 @@ from tiny import make_tiny, make_tiny_chat
 WORKER = str(Path(__file__).parent / "pipeline_worker.py")
 CONFIGS = Path(__file__).parent / "data" / "configs"
 DEVICEMAP = [PYTHON, "-m", "devicemap"]
-PROMPT = [[1, 5, 9, 3, 7, 11, 4]]  # pipeline_worker.PROMPT and MICRO
-MICRO = [[[8, 6, 7, 5, 3, 0, 9]], [[2, 7, 1, 8, 2, 8]]]
-SEED = 1234
 
 
 def cpu(size: int) -> RankBudgets:
@@ -192,23 +190,15 @@ def test_plan_rank_budgets_file(tmp_path: Path) -> None:
 # --- several ranks over gloo -----------------------------------------------------------------
 
 
-def reference(directory: Path) -> dict[str, torch.Tensor]:
-    """One process, plain transformers: logits, greedy tokens, seeded sampled tokens."""
+def reference(directory: Path) -> dict[str, Any]:
+    """One process, plain transformers: what pipeline_worker's ranks compute (as lists)."""
     model = tf.AutoModelForCausalLM.from_pretrained(directory).eval()
-    ids = torch.tensor(PROMPT)
-    mask = torch.ones_like(ids)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        torch.manual_seed(SEED)
-        sampled = model.generate(
-            ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0
-        )
         micro = [
             model.generate(torch.tensor(p), max_new_tokens=8, do_sample=False).tolist()
             for p in MICRO
         ]
-    return {"logits": logits, "greedy": greedy, "sampled": sampled, "micro": micro}
+    return {**outputs(model), "micro": micro}
 
 
 @pytest.mark.parametrize(
@@ -224,10 +214,10 @@ def test_ranks_compute_what_one_process_computes(
         assert r.returncode == 0, f"rank {r.rank}:\n{r.stderr[-3000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(size)]
     expected = reference(model)
-    for got in ranks:  # every rank: the same logits and tokens as one process
-        assert torch.equal(torch.tensor(got["logits"]), expected["logits"]), got["rank"]
-        assert got["greedy"] == expected["greedy"].tolist()
-        assert got["sampled"] == expected["sampled"].tolist()
+    for got in ranks:  # every rank: the same logits (bit for bit) and tokens as one process
+        assert torch.equal(torch.tensor(got["logits"]), torch.tensor(expected["logits"]))
+        assert got["greedy"] == expected["greedy"]
+        assert got["sampled"] == expected["sampled"]
         assert got["micro"] == expected["micro"]  # micro-batches side by side, each its own
     # each rank materialises only its own blocks; together they hold every weight
     names = {n for n, _ in tf.AutoModelForCausalLM.from_pretrained(model).named_parameters()}

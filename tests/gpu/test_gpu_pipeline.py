@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 import transformers as tf
 
+from pipeline_worker import PROMPT
 from ranks import PYTHON, launch
 from tiny import make_tiny
 
 WORKER = str(Path(__file__).parents[1] / "pipeline_worker.py")
-PROMPT = [[1, 5, 9, 3, 7, 11, 4]]  # pipeline_worker.PROMPT
 
 
 def test_two_ranks_with_stages_on_the_gpu(tmp_path: Path) -> None:

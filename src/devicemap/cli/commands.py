@@ -265,9 +265,7 @@ def ranked_plan(
     images: int | None,
 ) -> tuple[Skeleton, Stages]:
     """The plan over every rank, after checking that they all started alike (RankMismatch)."""
-    from ..model.skeleton import build_skeleton
-    from ..run.ranks import agree
-    from .ranked import identity, plan_stages
+    from .ranked import plan_together
 
     if ctx.params.get("plan_file") is not None:
         raise BadOption(
@@ -275,14 +273,8 @@ def ranked_plan(
             " drop --plan",
             options=("plan_file",),
         )
-    skeleton = build_skeleton(
-        source, dtype=planning.dtype, trust_remote_code=planning.trust_remote_code
-    )
-    agree(identity(skeleton, planning, ctx.command.name or ""))
-    if context is not None and skeleton.max_positions is not None:
-        context = min(context, skeleton.max_positions)
-    stages = plan_stages(planning, skeleton, ranks=ranks, context=context, images=images)
-    return skeleton, stages
+    command = ctx.command.name or ""
+    return plan_together(planning, source, ranks, command, context=context, images=images)
 
 
 def saved_plan(

@@ -12,7 +12,7 @@ when it runs, so `devicemap --help` is quick (tests/test_startup.py, bench/start
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from .commands import command_errors
 from .options import ModelArg, PlanChoices, model_argument, options_from
 from .tables import render_plan
 from .version import VersionOpt, with_version
+
+if TYPE_CHECKING:
+    from ..run.ranks import Ranks
 
 HELP = {"help_option_names": ["-h", "--help"]}  # every command, the cache group's too
 
@@ -91,7 +94,9 @@ def plan_command(
                     " --json (under torchrun the ranks plan together each time)",
                     options=("save",),
                 )
-            plan_ranks(model, planning, ranks, rank_budgets, as_json=as_json, explain=explain)
+            plan_ranks(
+                model, planning, joined_ranks, ranks, rank_budgets, as_json=as_json, explain=explain
+            )
             return
         result = planning.make_plan(model_argument(model))
         if save is not None:
@@ -109,29 +114,24 @@ def plan_command(
 def plan_ranks(
     model: str | None,
     planning: PlanChoices,
+    ranks: Ranks | None,
     what_if: int | None,
     budgets_file: str | None,
     *,
     as_json: bool,
     explain: bool,
 ) -> None:
-    """`plan` over several ranks: every rank's plan on rank 0 (and a what-if), its own on
-    the others (torchrun)."""
-    from ..model.skeleton import build_skeleton
-    from ..run.ranks import agree, leave
-    from .ranked import identity, joined, plan_stages, stage_json
+    """`plan` over several ranks: the joined `ranks` (torchrun: every rank's plan on rank 0,
+    its own on the others), or a what-if over `what_if` ranks or those of `budgets_file`."""
+    from ..run.ranks import leave
+    from .ranked import plan_stages, plan_together, stage_json
 
-    ranks = joined()
     target: str = model_argument(model)
     if ranks is not None:
         from ..model.checkpoint import resolve_model
 
         source = resolve_model(target, revision=planning.revision)
-        skeleton = build_skeleton(
-            source, dtype=planning.dtype, trust_remote_code=planning.trust_remote_code
-        )
-        agree(identity(skeleton, planning, "plan"))
-        stages = plan_stages(planning, skeleton, ranks=ranks)
+        stages = plan_together(planning, source, ranks, "plan")[1]
     else:
         stages = plan_stages(planning, target, what_if=what_if, budgets_file=budgets_file)
     rank = 0 if ranks is None else ranks.rank

@@ -256,6 +256,18 @@ class PlanChoices:
         )
 
 
+def read_json_option(path: str, bad: Callable[[str], DevicemapError]) -> Any:
+    """The JSON in the file an option names (16 MiB at most read); `bad(why)` is raised
+    when the file is missing or is not JSON."""
+    try:
+        with open(path, "rb") as file:
+            return json.loads(file.read(16 << 20))
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise bad(f"not readable JSON ({error})") from None
+
+
 def read_device_map(path: str) -> dict[str, DeviceLike]:
     """The {module: device} of a --device-map JSON file; BadOption naming the file."""
     from ..errors import BadOption
@@ -267,14 +279,7 @@ def read_device_map(path: str) -> dict[str, DeviceLike]:
             options=("device_map",),
         )
 
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(16 << 20)
-        data = json.loads(raw)
-    except FileNotFoundError:
-        raise bad("no such file") from None
-    except (OSError, ValueError, RecursionError) as error:
-        raise bad(f"not readable JSON ({error})") from None
+    data = read_json_option(path, bad)
     if not isinstance(data, dict) or not data:
         raise bad("not a non-empty JSON object")
     wrong = [k for k, v in data.items() if isinstance(v, bool) or not isinstance(v, (int, str))]

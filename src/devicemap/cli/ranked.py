@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadOption
-from .options import PlanChoices
+from .options import PlanChoices, read_json_option
 
 if TYPE_CHECKING:
     from ..devices import Device
+    from ..model.checkpoint import ModelSource
     from ..model.skeleton import Skeleton
     from ..plan.planner import RankBudgets
     from ..plan.stages import Stages
@@ -93,13 +95,7 @@ def read_rank_budgets(path: str) -> list[RankBudgets]:
             options=("rank_budgets",),
         )
 
-    try:
-        with open(path, "rb") as file:
-            data = json.loads(file.read(16 << 20))
-    except FileNotFoundError:
-        raise bad("no such file") from None
-    except (OSError, ValueError, RecursionError) as error:
-        raise bad(f"not readable JSON ({error})") from None
+    data = read_json_option(path, bad)
     if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
         raise bad("not a non-empty list of objects")
     out = []
@@ -185,12 +181,33 @@ def machine_share(here: RankBudgets, given: set[Device], rank: int) -> RankBudge
 
 
 def _env_int(name: str, default: int) -> int:
-    import os
-
     try:
         return int(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def plan_together(
+    planning: PlanChoices,
+    source: ModelSource,
+    ranks: Ranks,
+    command: str,
+    *,
+    context: int | None = None,
+    images: int | None = None,
+) -> tuple[Skeleton, Stages]:
+    """The skeleton and the plan over every joined rank, once they have agreed that they
+    started alike (RankMismatch on every rank otherwise)."""
+    from ..model.skeleton import build_skeleton
+    from ..run.ranks import agree
+
+    trust = planning.trust_remote_code
+    skeleton = build_skeleton(source, dtype=planning.dtype, trust_remote_code=trust)
+    agree(identity(skeleton, planning, command))
+    if context is not None and skeleton.max_positions is not None:
+        context = min(context, skeleton.max_positions)
+    stages = plan_stages(planning, skeleton, ranks=ranks, context=context, images=images)
+    return skeleton, stages
 
 
 def check_ranks_option(ranks: Ranks | None, what_if: int | None, budgets_file: str | None) -> None:

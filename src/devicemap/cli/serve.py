@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,6 +23,9 @@ from .commands import (
     stderr,
 )
 from .options import ModelArg, PlanChoices, options_from
+
+if TYPE_CHECKING:
+    from ..run.ranks import Ranks
 
 HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on.")]
 PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")]
@@ -100,12 +103,12 @@ def serve_command(
             return
         listener = bind(host, port)  # before the long load: a taken port fails at once
         try:
-            serve(ctx, model, planning, listener, queue=queue, api_key=api_key, name=name)
+            serve(ctx, model, planning, listener, ranks, queue=queue, api_key=api_key, name=name)
         finally:
             listener.close()
 
 
-def follow(ctx: typer.Context, model: str | None, planning: PlanChoices, ranks: Any) -> None:
+def follow(ctx: typer.Context, model: str | None, planning: PlanChoices, ranks: Ranks) -> None:
     """A rank other than 0: load its stage and run rank 0's engine steps until it stops."""
     from ..run.ranks import leave
     from ..serve.engine import Engine
@@ -124,6 +127,7 @@ def serve(
     model: str | None,
     planning: PlanChoices,
     listener: socket.socket,
+    ranks: Ranks | None,
     *,
     queue: int,
     api_key: str | None,
@@ -134,9 +138,7 @@ def serve(
     from ..run.dispatch import release
     from ..serve.app import Settings, create_app, known_names
     from ..serve.engine import Engine
-    from .ranked import joined
 
-    ranks = joined()
     source, tokenizer = open_model(model, planning, plan_file=ctx.params.get("plan_file"))
     with session(ctx, planning, source, tokenizer, context=SERVE_CONTEXT, ranks=ranks) as s:
         rows = s.plan.options.batch

@@ -489,25 +489,8 @@ def plan(
     `page_cache`: how much of the disk tier may stay in the page cache (the rest is streamed
     through it); default: what this machine's RAM (cgroup limits included) has free beyond
     what the plan puts on the cpu, less a tenth."""
-    skeleton, here, options = plan_inputs(
-        model,
-        max_memory=max_memory,
-        gpus=gpus,
-        context=context,
-        batch=batch,
-        dtype=dtype,
-        strategy=strategy,
-        pins=pins,
-        offload_exec=offload_exec,
-        no_split=no_split,
-        trust_remote_code=trust_remote_code,
-        logits=logits,
-        images=images,
-        expert_cache=expert_cache,
-        page_cache=page_cache,
-        gpu_memory_fraction=gpu_memory_fraction,
-        gpu_margin=gpu_margin,
-    )
+    # every argument, as given (plan_inputs takes exactly plan's)
+    skeleton, here, options = plan_inputs(**locals())
     try:
         return make_plan(skeleton, here.sizes, options, free_ram=here.free_ram, notes=here.notes)
     except DoesNotFit as exc:
