@@ -158,7 +158,8 @@ _REPORTS_S = 1.0  # seconds a failing rank waits for the others' reports
 def _first_failure(ranks: Ranks, peer: int | None) -> str:
     """Where the failure began, from what every failing rank reports to the rendezvous store:
     rank 0 may lose rank 2, which lost rank 1 (killed): the rank others lost that reported
-    nothing itself. "" when the store is gone too (it lives in rank 0 without torchrun)."""
+    nothing itself, else (no rank knows whom it lost) the ranks that reported nothing. ""
+    when the store is gone too (it lives in rank 0 without torchrun)."""
     import time
 
     store = _store()
@@ -175,10 +176,13 @@ def _first_failure(ranks: Ranks, peer: int | None) -> str:
     except (RuntimeError, ValueError):
         return ""
     lost = sorted({b for b in reports.values() if b >= 0 and b not in reports})
+    if not lost:  # no rank knows whom it lost (a broadcast's root): the ones that never said
+        lost = [r for r in range(ranks.size) if r not in reports]
     if not lost or lost == [peer]:
         return ""
     chain = ", ".join(f"rank {r} lost rank {b}" for r, b in sorted(reports.items()) if b >= 0)
-    return f"; the failure began at rank {', '.join(map(str, lost))} ({chain})"
+    began = ", ".join(map(str, lost))
+    return f"; the failure began at rank {began} ({chain or 'the rank that reported nothing'})"
 
 
 _client: Any = None
@@ -263,13 +267,17 @@ def broadcast(tensor: torch.Tensor, source: int) -> torch.Tensor:
     """`tensor` from rank `source` on every rank (pass a meta tensor where it is not known)."""
     import torch.distributed as dist
 
-    if current().rank == source:
+    root = current().rank == source
+    if root:
         data = tensor.detach().to("cpu").contiguous()
         sent["logits"] += data.nbytes * (current().size - 1)
     else:
         data = torch.empty(tensor.shape, dtype=tensor.dtype)
     work = lambda: _wait(dist.broadcast(data, source, group=_group(), async_op=True))  # noqa: E731
-    _guard(source, "send the logits", work)
+    if root:  # which receiver is gone, gloo does not say: the reports in the store may
+        _guard(None, "receive the logits", work)
+    else:
+        _guard(source, "send the logits", work)
     return data
 
 
